@@ -1,0 +1,131 @@
+"""PedroConfig: the dataclass that is an adapter's `adapter_config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+POOLERS = ("attention", "last", "mean")
+ACTIVATIONS = ("rational", "gelu", "relu", "silu")
+TARGETS = ("q", "k", "v", "up")  # the canonical order of vector columns
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+class AdapterError(ValueError):
+    """A PEDRO adapter that is malformed or does not fit the base model."""
+
+
+@dataclass
+class BaseShapes:
+    """The shapes of the base model an adapter is made for."""
+
+    num_layers: int
+    hidden_size: int  # d: what the generator reads
+    q_size: int  # d_q: query projection width (heads * head_dim)
+    kv_size: int  # d_k = d_v: key/value width (the KV width under GQA)
+    ff_size: int  # d_ff: FFN up projection width
+
+    def width(self, target: str) -> int:
+        return {"q": self.q_size, "k": self.kv_size, "v": self.kv_size, "up": self.ff_size}[target]
+
+
+@dataclass
+class PedroConfig:
+    """What a PEDRO adapter is. Method options first, then what it was made for."""
+
+    r: int = 16
+    pooler: str = "attention"
+    activation: str = "rational"
+    targets: tuple[str, ...] = ("q", "v", "up")
+    dtype: str = "float32"
+    # Filled in when the adapter is attached to a base model.
+    base_model_name_or_path: str | None = None
+    base_shapes: BaseShapes | None = None
+    method: str = "pedro"
+    version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.base_shapes, dict):
+            self.base_shapes = BaseShapes(**self.base_shapes)
+        self.targets = tuple(self.targets)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method != "pedro":
+            raise AdapterError(f"adapter method is {self.method!r}, expected 'pedro'")
+        if self.version != FORMAT_VERSION:
+            raise AdapterError(f"adapter format version {self.version} is not supported "
+                               f"(this vllm_pedro reads version {FORMAT_VERSION})")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise AdapterError(f"r must be a positive integer, got {self.r!r}")
+        if self.pooler not in POOLERS:
+            raise AdapterError(f"unknown pooler {self.pooler!r}; choose one of {POOLERS}")
+        if self.activation not in ACTIVATIONS:
+            raise AdapterError(f"unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise AdapterError(f"unknown or empty targets {list(self.targets)!r}; choose a subset of {TARGETS}")
+        if len(set(self.targets)) != len(self.targets):
+            raise AdapterError(f"duplicate targets in {list(self.targets)!r}")
+        # Canonical order makes the vector layout independent of how the user listed them.
+        self.targets = tuple(t for t in TARGETS if t in self.targets)
+        if self.dtype not in DTYPES:
+            raise AdapterError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
+
+    # Vector layout: one row per request and layer, the targets' vectors side by side.
+    def target_columns(self) -> dict[str, tuple[int, int]]:
+        """target -> (first column, width) in the generator's output row."""
+        assert self.base_shapes is not None, "config not attached to a base model"
+        cols, start = {}, 0
+        for t in self.targets:
+            w = self.base_shapes.width(t)
+            cols[t] = (start, w)
+            start += w
+        return cols
+
+    @property
+    def out_size(self) -> int:
+        return sum(w for _, w in self.target_columns().values())
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PedroConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise AdapterError(f"adapter_config.json has unknown keys {unknown}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise AdapterError(f"adapter_config.json is malformed: {e}") from e
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, directory: str) -> PedroConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise AdapterError(f"missing {CONFIG_NAME} in adapter directory {directory!r}")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise AdapterError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise AdapterError(f"{path} must hold a JSON object")
+        return cls.from_dict(d)

@@ -1,0 +1,162 @@
+"""PedroModel: a frozen transformers causal LM with one PEDRO generator per layer.
+
+This is the reference implementation: training runs here, and the vLLM plugin must
+produce the same tokens."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..adapter_io import check_base_shapes, load_adapter, save_adapter, validate_tensors
+from ..config import BaseShapes, PedroConfig
+from ..generator import VectorGenerator
+from .layer import PedroLayerHooks, PedroState
+
+
+def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a Llama-family or Qwen2 model, found by module structure:
+    layers whose attention has q/k/v_proj and whose MLP has gate/up/down_proj."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    ok = isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(
+        all(hasattr(getattr(l, "self_attn", None), p) for p in ("q_proj", "k_proj", "v_proj"))
+        and all(hasattr(getattr(l, "mlp", None), p) for p in ("gate_proj", "up_proj", "down_proj"))
+        for l in layers)
+    if not ok:
+        raise TypeError(
+            f"PEDRO supports Llama-family and Qwen2 decoder models (model.layers[i].self_attn."
+            f"q/k/v_proj and .mlp.gate/up/down_proj); {type(model).__name__} does not have that structure")
+    return list(layers)
+
+
+def base_shapes_of(model: nn.Module) -> BaseShapes:
+    layers = find_decoder_layers(model)
+    attn, mlp = layers[0].self_attn, layers[0].mlp
+    return BaseShapes(num_layers=len(layers), hidden_size=attn.q_proj.in_features,
+                      q_size=attn.q_proj.out_features, kv_size=attn.v_proj.out_features,
+                      ff_size=mlp.up_proj.out_features)
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+class PedroModel(nn.Module):
+    def __init__(self, model: nn.Module, config: PedroConfig):
+        super().__init__()
+        config = copy.deepcopy(config)
+        shapes = base_shapes_of(model)
+        if config.base_shapes is None:
+            config.base_shapes = shapes
+        check_base_shapes(config, shapes, type(model).__name__)
+        config.base_model_name_or_path = config.base_model_name_or_path or base_model_name(model)
+        self.config = config
+        self.base_model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        dtype = getattr(torch, config.dtype)
+        device = next(model.parameters()).device
+        self.generators = nn.ModuleList(
+            VectorGenerator(shapes.hidden_size, config.r, config.out_size, config.pooler,
+                            config.activation, dtype).to(device)
+            for _ in range(shapes.num_layers))
+        self.state = PedroState()
+        columns = config.target_columns()
+        self._hooks = []
+        for i, layer in enumerate(find_decoder_layers(model)):
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "up": mlp.up_proj}
+            self._hooks.append(PedroLayerHooks(i, attn, projections, self.generators[i], columns, self.state))
+        # Vectors are computed in the pass that sees the prompt; clear the request after it.
+        self._hooks.append(model.register_forward_hook(self._end_of_pass))
+
+    def _end_of_pass(self, module, args, out):
+        self.state.prompt_mask = None
+
+    # -- PEFT-like surface -------------------------------------------------------------
+    def trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.generators.parameters() if p.requires_grad)
+        total = trainable + sum(p.numel() for p in self.base_model.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.trainable_parameters()
+        print(f"trainable params: {t:,} || all params: {a:,} || trainable%: {100 * t / a:.4f}")
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"generators.{k}": v for k, v in self.generators.state_dict().items()}
+
+    def save_pretrained(self, directory: str) -> None:
+        save_adapter(directory, self.config, self.adapter_state_dict())
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str) -> PedroModel:
+        config, tensors = load_adapter(directory, base=base_shapes_of(model))
+        pm = cls(model, config)
+        pm.load_adapter_tensors(tensors)
+        return pm
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        validate_tensors(self.config, tensors)
+        own = self.adapter_state_dict()
+        with torch.no_grad():
+            for k, v in tensors.items():
+                own[k].copy_(v)
+
+    def unload(self) -> nn.Module:
+        """Remove every hook and give back the untouched base model."""
+        for h in self._hooks:
+            h.remove()
+        return self.base_model
+
+    # -- forward and generate -------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                prompt_lengths: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+                **kwargs):
+        """One pass that computes the vectors from the prompt tokens and applies them to
+        every token. Give `prompt_lengths` ([B], right padding: the first n tokens of row b
+        are its prompt) or an explicit `prompt_mask` [B, T]; with neither, every attended
+        token is prompt."""
+        self.state.prompt_mask = self._prompt_mask(input_ids, attention_mask, prompt_lengths, prompt_mask)
+        try:
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self.state.prompt_mask = None
+
+    @staticmethod
+    def _prompt_mask(input_ids, attention_mask, prompt_lengths, prompt_mask) -> torch.Tensor:
+        if prompt_mask is None:
+            if prompt_lengths is not None:
+                pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+                prompt_mask = pos.unsqueeze(0) < torch.as_tensor(prompt_lengths, device=input_ids.device).unsqueeze(1)
+            else:
+                prompt_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            if attention_mask is not None:
+                prompt_mask = prompt_mask & attention_mask.bool()
+        prompt_mask = prompt_mask.bool()
+        if not prompt_mask.any(dim=1).all():
+            raise ValueError("every sequence needs at least one prompt token")
+        return prompt_mask
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """transformers' generate with the vectors computed once, in the prefill pass, from
+        the prompt (left padding for batches), and reused for every decoding step."""
+        self.state.prompt_mask = self._prompt_mask(input_ids, attention_mask, None, None)
+        try:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self.state.prompt_mask = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+
+def get_pedro_model(model: nn.Module, config: PedroConfig) -> PedroModel:
+    """Freeze `model` and attach a fresh PEDRO adapter (an untrained adapter leaves the
+    model's outputs unchanged)."""
+    return PedroModel(model, config)

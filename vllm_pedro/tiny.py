@@ -1,0 +1,86 @@
+"""Tiny random-weight models the project builds itself (tests, demo, CPU benchmarks):
+a Llama or Qwen2 config from transformers, and a byte-level BPE tokenizer trained in a
+second on embedded text. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A tenant asks a question and the model answers.
+Prompts go in, tokens come out. One backbone serves many fine-tuned tenants at the speed of one.
+Vectors scale the query, the value and the feed-forward activations of every layer.
+name: Alpha, food: Italian, area: riverside, price: cheap. name: Beta, food: French, area: centre.
+Is the sky blue? yes. Is fire cold? no. I love this film! positive. I hate waiting. negative.
+0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 plus minus equals what is
+"""
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def build_tokenizer(directory: str, vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    return fast
+
+
+def build_tiny_model(directory: str, arch: str = "llama", seed: int = 0, hidden_size: int = 64,
+                     num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                     intermediate_size: int = 96, max_position_embeddings: int = 512) -> str:
+    """Write a random-weight float32 model and its tokenizer to `directory` (idempotent)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        return directory
+    os.makedirs(directory, exist_ok=True)
+    tokenizer = build_tokenizer(directory)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="float32",
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    if arch == "llama":
+        config = LlamaConfig(**common)
+    elif arch == "qwen2":
+        config = Qwen2Config(**common)
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose llama or qwen2")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init, so logits are far from ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    model.save_pretrained(directory)
+    _write_rope_theta_top_level(directory)
+    return directory
+
+
+def _write_rope_theta_top_level(directory: str) -> None:
+    # transformers 5 nests rope_theta under rope_parameters; vLLM's reader also looks for it
+    # at the top level (ENVIRONMENT.md), so write both.
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    cfg["rope_theta"] = theta
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)

@@ -1,0 +1,2 @@
+def register():
+    """Filled in by the plugin work."""
