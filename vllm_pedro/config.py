@@ -78,6 +78,12 @@ class PedroConfig:
         self.targets = tuple(t for t in TARGETS if t in self.targets)
         if self.dtype not in DTYPES:
             raise AdapterError(f"unknown dtype {self.dtype!r}; choose one of {DTYPES}")
+        if self.base_shapes is not None:
+            if not isinstance(self.base_shapes, BaseShapes):
+                raise AdapterError(f"base_shapes must be an object of shapes, got {self.base_shapes!r}")
+            for k, v in dataclasses.asdict(self.base_shapes).items():
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise AdapterError(f"base_shapes.{k} must be a positive integer, got {v!r}")
 
     # Vector layout: one row per request and layer, the targets' vectors side by side.
     def target_columns(self) -> dict[str, tuple[int, int]]:

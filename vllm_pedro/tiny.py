@@ -41,10 +41,11 @@ def build_tokenizer(directory: str, vocab_size: int = 512):
     return fast
 
 
-def build_tiny_model(directory: str, arch: str = "llama", seed: int = 0, hidden_size: int = 64,
+def build_tiny_model(directory: str, arch: str = "llama", seed: int = 0, hidden_size: int = 128,
                      num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
-                     intermediate_size: int = 96, max_position_embeddings: int = 512) -> str:
-    """Write a random-weight float32 model and its tokenizer to `directory` (idempotent)."""
+                     intermediate_size: int = 192, max_position_embeddings: int = 512) -> str:
+    """Write a random-weight float32 model and its tokenizer to `directory` (idempotent).
+    head_dim = hidden_size / num_heads must be one vLLM's CPU attention supports (32, 64, ...)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     if os.path.isfile(os.path.join(directory, "config.json")):

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random-weight Llama and Qwen2 models, built once per session.
+
+Other test modules reuse `tiny_llama_dir` and `tiny_qwen2_dir` (paths to a saved model
+directory with its tokenizer), built with build_tiny_model's default shapes (grouped-query
+attention: fewer KV heads than query heads). Read shapes from the model's config, not from here."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_pedro.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")), arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> str:
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-qwen2")), arch="qwen2", seed=1)
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_model_dir(request) -> str:
+    """Both tiny models in turn (parametrised over architecture)."""
+    return request.getfixturevalue(f"tiny_{request.param}_dir")

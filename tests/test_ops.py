@@ -1,0 +1,360 @@
+"""PEDRO gather-scale ops vs a naive per-token oracle: torch backend, Triton (interpreted on
+the CPU, compiled on a GPU), and on a GPU the CUDA op plus CUDA-graph capture."""
+
+import importlib.util
+import logging
+import os
+
+import pytest
+import torch
+
+# Triton has no CPU backend: interpret it. Only without a GPU, so a GPU run tests compiled
+# kernels. (vllm_pedro.ops.triton_kernels re-decorates if the mode changes after import.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from vllm_pedro import ops  # noqa: E402
+from vllm_pedro.ops import cuda as ops_cuda  # noqa: E402
+from vllm_pedro.ops import reference  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+WIDTHS = [576, 1536, 4096, 11008, 13, 1000]
+S = 5  # slots
+
+
+def _backends():
+    out = ["torch"]
+    if HAS_TRITON and INTERPRET:
+        out.append("triton")
+    return out
+
+
+@pytest.fixture(params=_backends())
+def backend(request, monkeypatch):
+    monkeypatch.setenv(ops.ENV_BACKEND, request.param)
+    return request.param
+
+
+# ---- independent oracle: a Python loop over tokens ----
+
+def oracle_scale(x, vectors, slots, ranges):
+    """ranges: [(start, size, col)]; col < 0 = range not scaled."""
+    out = x.clone()
+    for t in range(x.shape[0]):
+        s = int(slots[t])
+        if s < 0:
+            continue
+        for start, size, col in ranges:
+            if col >= 0 and size > 0:
+                prod = x[t, start:start + size].float() * vectors[s, col:col + size].float()
+                out[t, start:start + size] = prod.to(x.dtype)
+    return out
+
+
+def oracle_silu(gate_up, vectors, slots, col):
+    T, D = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(T, D, dtype=gate_up.dtype)
+    for t in range(T):
+        g, u = gate_up[t, :D].float(), gate_up[t, D:].float()
+        y = g / (1 + torch.exp(-g)) * u
+        s = int(slots[t])
+        if s >= 0 and col >= 0:
+            y = y * vectors[s, col:col + D].float()
+        out[t] = y.to(gate_up.dtype)
+    return out
+
+
+# ---- inputs ----
+
+def make_slots(T, gen, dtype=torch.int32, extra=4):
+    """T live entries with -1 mixed in, then a tail the ops must not read (out of range)."""
+    live = torch.randint(-1, S, (T,), generator=gen)
+    if T >= 2:
+        live[0], live[1] = -1, S - 1
+    tail = torch.full((extra,), S + 100)
+    return torch.cat([live, tail]).to(dtype)
+
+
+def make_vectors(width, dtype, gen, device="cpu"):
+    """[S, width] view of a bigger [S, 3, width] buffer: row stride 3*width, not contiguous."""
+    big = (1 + 0.5 * torch.randn(S, 3, width, generator=gen)).to(dtype).to(device)
+    return big[:, 1, :]
+
+
+def make_rows(T, width, dtype, gen, pad=3):
+    """[T, width] view with row stride width+pad; the pad must never change."""
+    buf = torch.randn(T, width + pad, generator=gen).to(dtype)
+    return buf, buf[:, :width]
+
+
+def check(actual, expected, dtype, backend, exact):
+    if exact and not (dtype == torch.bfloat16 and backend == "triton" and INTERPRET):
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    elif exact:
+        # Triton's interpreter rounds fp32 -> bf16 by truncation (the GPU rounds to nearest
+        # even): allow one bf16 ulp.
+        torch.testing.assert_close(actual, expected, atol=0, rtol=2 ** -7)
+    else:
+        torch.testing.assert_close(actual, expected)  # dtype-default tolerances
+
+
+# ---- correctness ----
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_scale(backend, dtype, width):
+    gen = torch.Generator().manual_seed(width)
+    T = 1 + width % 5
+    col = 7  # unaligned vector column offset
+    vectors = make_vectors(col + width + 2, dtype, gen)
+    slots = make_slots(T, gen, torch.int64 if width % 2 else torch.int32)
+    buf, x = make_rows(T, width, dtype, gen)
+    before = buf.clone()
+    expected = oracle_scale(x, vectors, slots, [(0, width, col)])
+    ops.scale_(x, vectors, slots, col)
+    check(x, expected, dtype, backend, exact=True)
+    assert torch.equal(buf[:, width:], before[:, width:])
+    for t in range(T):
+        if slots[t] < 0:
+            assert torch.equal(buf[t], before[t])
+
+
+QKV = [(576, 192), (4096, 1024), (13, 5), (1000, 1000), (64, 0)]
+COLS = [(True, False, True), (True, True, True), (False, True, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q,kv", QKV)
+@pytest.mark.parametrize("on", COLS, ids=["qv", "qkv", "k"])
+def test_scale_qkv(backend, dtype, q, kv, on):
+    gen = torch.Generator().manual_seed(q + kv)
+    T = 1 + (q + kv) % 4
+    n = q + 2 * kv
+    # Vector layout [q | v | k] with a leading gap, so every range has its own offset.
+    cols = (3, 3 + q + kv, 3 + q)
+    cols = tuple(c if o else -1 for c, o in zip(cols, on))
+    vectors = make_vectors(3 + q + 2 * kv, dtype, gen)
+    slots = make_slots(T, gen)
+    buf, qkv = make_rows(T, n, dtype, gen)
+    before = buf.clone()
+    ranges = [(0, q, cols[0]), (q, kv, cols[1]), (q + kv, kv, cols[2])]
+    expected = oracle_scale(qkv, vectors, slots, ranges)
+    ops.scale_qkv_(qkv, vectors, slots, q, kv, *cols)
+    check(qkv, expected, dtype, backend, exact=True)
+    assert torch.equal(buf[:, n:], before[:, n:])
+    for start, size, col in ranges:  # ranges switched off: bit-identical
+        if col < 0:
+            assert torch.equal(buf[:, start:start + size], before[:, start:start + size])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_silu_and_mul_scaled(backend, dtype, width):
+    gen = torch.Generator().manual_seed(width + 1)
+    T = 1 + width % 4
+    col = 5
+    vectors = make_vectors(col + width, dtype, gen)
+    slots = make_slots(T, gen, torch.int64 if width % 2 else torch.int32)
+    gate_up = (2 * torch.randn(T, 2 * width, generator=gen)).to(dtype)
+    expected = oracle_silu(gate_up, vectors, slots, col)
+    # Given out: strided and poisoned, so every element must be written and the pad kept.
+    buf = torch.full((T, width + 3), float("nan"), dtype=dtype)
+    out = buf[:, :width]
+    ret = ops.silu_and_mul_scaled(gate_up, vectors, slots, col, out=out)
+    assert ret.data_ptr() == out.data_ptr()
+    check(out, expected, dtype, backend, exact=False)
+    assert torch.isnan(buf[:, width:]).all()
+    # No out: allocated.
+    check(ops.silu_and_mul_scaled(gate_up, vectors, slots, col), expected, dtype, backend, False)
+    # col < 0: plain SiluAndMul for every token.
+    check(ops.silu_and_mul_scaled(gate_up, vectors, slots, -1),
+          oracle_silu(gate_up, vectors, slots, -1), dtype, backend, False)
+
+
+def test_empty_batch(backend):
+    for dtype in DTYPES:
+        vectors = torch.ones(S, 64, dtype=dtype)
+        slots = torch.zeros(8, dtype=torch.int32)  # longer than T = 0
+        ops.scale_(torch.empty(0, 16, dtype=dtype), vectors, slots, 0)
+        ops.scale_qkv_(torch.empty(0, 24, dtype=dtype), vectors, slots[:0], 8, 8, 0, 8, 16)
+        out = ops.silu_and_mul_scaled(torch.empty(0, 32, dtype=dtype), vectors, slots, 0)
+        assert out.shape == (0, 16) and out.dtype == dtype
+
+
+def test_no_slots_all_base(backend):
+    """S = 0 (no adapter request in the batch): every token is a base token."""
+    x = torch.randn(3, 10)
+    before = x.clone()
+    slots = torch.full((3,), -1, dtype=torch.int32)
+    ops.scale_(x, torch.empty(0, 10), slots, 0)
+    assert torch.equal(x, before)
+    out = ops.silu_and_mul_scaled(torch.randn(3, 20), torch.empty(0, 10), slots, 0)
+    assert out.shape == (3, 10)
+
+
+def test_validation():
+    v = torch.ones(S, 32)
+    s = torch.zeros(4, dtype=torch.int32)
+    bad = [
+        lambda: ops.scale_qkv_(torch.ones(4, 30), v, s, 8, 8, 0, -1, 8),  # width != q+2kv
+        lambda: ops.scale_qkv_(torch.ones(4, 24), v, s, 8, 8, 0, -1, 30),  # v beyond vectors
+        lambda: ops.scale_(torch.ones(4, 8, dtype=torch.float16), v, s, 0),  # dtype mismatch
+        lambda: ops.scale_(torch.ones(4, 8), v, s.float(), 0),  # float slots
+        lambda: ops.scale_(torch.ones(5, 8), v, s, 0),  # too few slots
+        lambda: ops.scale_(torch.ones(8, 4).t(), v, s, 0),  # last dim not contiguous
+        lambda: ops.scale_(torch.ones(4, 8, dtype=torch.float64), v.double(), s, 0),
+        lambda: ops.scale_(torch.ones(4, 8), v, s.view(2, 2), 0),
+        lambda: ops.silu_and_mul_scaled(torch.ones(4, 9), v, s, 0),  # odd width
+        lambda: ops.silu_and_mul_scaled(torch.ones(4, 8), v, s, 0, out=torch.empty(4, 5)),
+        lambda: ops.silu_and_mul_scaled(torch.ones(4, 80), v, s, 0),  # up beyond vectors
+    ]
+    for i, f in enumerate(bad):
+        with pytest.raises(ValueError):
+            f()
+            pytest.fail(f"case {i} did not raise")
+
+
+# ---- backend selection ----
+
+def test_backend_auto_cpu(monkeypatch):
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    assert ops.backend_name("cpu") == "torch"
+    assert ops.backend_name(torch.device("cpu")) == "torch"
+
+
+def test_backend_env_override(monkeypatch):
+    monkeypatch.setenv(ops.ENV_BACKEND, "torch")
+    assert ops.backend_name("cuda") == "torch"
+    monkeypatch.setenv(ops.ENV_BACKEND, "bogus")
+    with pytest.raises(ValueError, match="VLLM_PEDRO_OPS_BACKEND"):
+        ops.backend_name("cpu")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_backend_triton_on_cpu_needs_interpret(monkeypatch):
+    monkeypatch.setenv(ops.ENV_BACKEND, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.backend_name("cpu") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ops.BackendUnavailableError, match="TRITON_INTERPRET"):
+        ops.backend_name("cpu")
+    with pytest.raises(ops.BackendUnavailableError):
+        ops.scale_(torch.ones(2, 4), torch.ones(1, 4), torch.zeros(2, dtype=torch.int32), 0)
+
+
+def test_backend_forced_unavailable(monkeypatch):
+    monkeypatch.setenv(ops.ENV_BACKEND, "cuda")
+    with pytest.raises(ops.BackendUnavailableError, match="CUDA tensors"):
+        ops.backend_name("cpu")
+    monkeypatch.setattr(ops._cuda, "load", lambda: (False, "no nvcc here"))
+    with pytest.raises(ops.BackendUnavailableError, match="no nvcc here"):
+        ops.backend_name("cuda")
+    monkeypatch.setenv(ops.ENV_BACKEND, "triton")
+    monkeypatch.setattr(ops, "_triton", lambda: (None, "triton is not importable (x)"))
+    with pytest.raises(ops.BackendUnavailableError, match="not importable"):
+        ops.backend_name("cuda")
+
+
+def test_backend_auto_cuda_fallbacks(monkeypatch, caplog):
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(ops, "_triton", lambda: (object(), ""))
+    assert ops.backend_name("cuda") == "triton"
+    monkeypatch.setattr(ops, "_triton", lambda: (None, "no triton"))
+    monkeypatch.setattr(ops._cuda, "load", lambda: (True, "ok"))
+    assert ops.backend_name("cuda") == "cuda"
+    monkeypatch.setattr(ops._cuda, "load", lambda: (False, "no op"))
+    monkeypatch.setattr(ops, "_fallback_logged", False)
+    with caplog.at_level(logging.WARNING, logger="vllm_pedro.ops"):
+        assert ops.backend_name("cuda") == "torch"
+        assert ops.backend_name("cuda") == "torch"
+    notices = [r for r in caplog.records if "torch reference" in r.getMessage()]
+    assert len(notices) == 1
+
+
+def test_cuda_loader_reason():
+    ok, why = ops_cuda.load()
+    assert isinstance(why, str) and why
+    if not torch.cuda.is_available():
+        assert not ok
+
+
+# ---- GPU: compiled Triton and the CUDA op, and CUDA-graph capture ----
+
+def _gpu_backend(name, monkeypatch):
+    if name == "triton" and not HAS_TRITON:
+        pytest.skip("triton not installed")
+    if name == "cuda":
+        ok, why = ops_cuda.load()
+        if not ok:
+            pytest.skip(f"CUDA op unavailable: {why}")
+    monkeypatch.setenv(ops.ENV_BACKEND, name)
+    assert ops.backend_name("cuda") == name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_gpu_backend_vs_reference(name, monkeypatch):
+    _gpu_backend(name, monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    dev = "cuda"
+    for dtype in DTYPES:
+        for T, (q, kv), ff in [(1, (576, 192), 1536), (37, (4096, 1024), 11008), (300, (13, 5), 1000)]:
+            vectors = make_vectors(q + kv + ff + 3, dtype, gen, dev)
+            for sdt in (torch.int32, torch.int64):
+                slots = make_slots(T, gen, sdt).to(dev)
+                qkv = torch.randn(T, q + 2 * kv, generator=gen).to(dtype).to(dev)
+                want = qkv.clone()
+                reference.scale_qkv_(want, vectors, slots, q, kv, 0, -1, q)
+                ops.scale_qkv_(qkv, vectors, slots, q, kv, 0, -1, q)
+                torch.testing.assert_close(qkv, want, atol=0, rtol=0)
+                x = torch.randn(T, ff, generator=gen).to(dtype).to(dev)
+                want = x.clone()
+                reference.scale_(want, vectors, slots, q + kv)
+                ops.scale_(x, vectors, slots, q + kv)
+                torch.testing.assert_close(x, want, atol=0, rtol=0)
+                gu = torch.randn(T, 2 * ff, generator=gen).to(dtype).to(dev)
+                out = torch.full((T, ff), float("nan"), dtype=dtype, device=dev)
+                ops.silu_and_mul_scaled(gu, vectors, slots, q + kv, out=out)
+                want = reference.silu_and_mul_scaled(gu, vectors, slots, q + kv,
+                                                     torch.empty_like(out))
+                torch.testing.assert_close(out, want)
+        torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_gpu_cuda_graph(name, monkeypatch):
+    _gpu_backend(name, monkeypatch)
+    dev, dtype, T, q, kv, ff = "cuda", torch.float16, 16, 576, 192, 1536
+    gen = torch.Generator().manual_seed(1)
+    vectors = make_vectors(q + kv + ff, dtype, gen, dev)
+    slots = torch.full((T + 8,), -1, dtype=torch.int32, device=dev)  # static, longer than T
+    src = torch.randn(T, q + 2 * kv, generator=gen).to(dtype).to(dev)
+    qkv = torch.empty_like(src)
+    gu = torch.randn(T, 2 * ff, generator=gen).to(dtype).to(dev)
+    out = torch.empty(T, ff, dtype=dtype, device=dev)
+
+    def step():
+        qkv.copy_(src)
+        ops.scale_qkv_(qkv, vectors, slots, q, kv, 0, -1, q)
+        ops.silu_and_mul_scaled(gu, vectors, slots, q + kv, out=out)
+
+    side = torch.cuda.Stream()  # warm up (Triton JIT) outside capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for trial in range(3):
+        slots.copy_(make_slots(T, gen, torch.int32, extra=8).to(dev))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = src.clone()
+        reference.scale_qkv_(want, vectors, slots, q, kv, 0, -1, q)
+        torch.testing.assert_close(qkv, want, atol=0, rtol=0)
+        want_out = reference.silu_and_mul_scaled(gu, vectors, slots, q + kv, torch.empty_like(out))
+        torch.testing.assert_close(out, want_out)

@@ -1,0 +1,179 @@
+"""The `vllm-pedro` command.
+
+Every subcommand is two small functions, `add_<name>_arguments(parser)` and
+`run_<name>(args) -> int`, registered in COMMANDS at the bottom of this file; `main`
+builds the parser from that table. Import heavy modules inside the run function so that
+`--help` of every subcommand stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    description: str | None = None
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout; appends "(default: X)" where there is a default."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if (not any(action.default is x for x in (None, False, argparse.SUPPRESS)) and not action.required
+                and "%(default)" not in h and action.option_strings):
+            d = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+            h += f" (default: {d})"
+        return h
+
+
+# -- train -----------------------------------------------------------------------------
+TRAIN_DESCRIPTION = """\
+Train a PEDRO adapter (or a LoRA / IA3 baseline with --method) on a JSONL file of
+{"prompt": ..., "response": ...} records. The prompt and response are tokenised
+separately and concatenated (put any separator in the text), the response followed by
+EOS; the loss is on the response tokens. PEDRO computes its vectors from the prompt.
+
+The adapter is written to --output-dir with save_pretrained (adapter_config.json +
+adapter_model.safetensors), with train_metrics.json (loss curve, dev losses, timing).
+With --dev-file, the adapter saved is the one with the lowest dev loss.
+
+example:
+  vllm-pedro train --model ./Qwen2.5-0.5B --train-file train.jsonl --dev-file dev.jsonl \\
+      --output-dir adapters/tenant-a --r 16 --lr 1e-3 --epochs 3 --eval-steps 100 --patience 3
+"""
+
+
+def _targets(values: list[str]) -> tuple[str, ...]:
+    # Accept "--targets q v up" and "--targets q,v,up".
+    return tuple(t for v in values for t in v.split(",") if t)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import ACTIVATIONS, POOLERS, TARGETS
+    from .train import METHODS, TrainArgs
+
+    d = TrainArgs(model="", train_file="", output_dir="")
+    io = p.add_argument_group("data and model")
+    io.add_argument("--model", required=True,
+                    help="base model: a local directory with config.json, weights and tokenizer "
+                         "(Llama-family or Qwen2 for PEDRO); nothing is downloaded")
+    io.add_argument("--train-file", required=True, help="training data: JSONL of {\"prompt\", \"response\"} records")
+    io.add_argument("--dev-file", default=None,
+                    help="dev data (same format) for periodic evaluation, early stopping and picking the best adapter")
+    io.add_argument("--output-dir", required=True, help="directory the adapter and train_metrics.json are written to")
+    io.add_argument("--max-len", type=int, default=d.max_len,
+                    help="maximum tokens per example; longer prompts are cut from the left, the response is kept")
+
+    m = p.add_argument_group("method")
+    m.add_argument("--method", choices=METHODS, default=d.method,
+                   help="pedro, or a peft baseline trained with the same loop and data: lora (q_proj, v_proj) "
+                        "or ia3 (k_proj, v_proj, down_proj)")
+    m.add_argument("--r", type=int, default=d.r, help="PEDRO generator bottleneck width (W_down: d -> r)")
+    m.add_argument("--pooler", choices=POOLERS, default=d.pooler,
+                   help="PEDRO pooling of the prompt's hidden states: learned attention, last token, or mean")
+    m.add_argument("--activation", choices=ACTIVATIONS, default=d.activation,
+                   help="PEDRO generator activation: learnable rational (Pade, GELU-initialised) or a fixed one")
+    m.add_argument("--targets", nargs="+", default=list(d.targets), metavar="TARGET",
+                   help=f"PEDRO targets to scale, any subset of {list(TARGETS)} (space or comma separated)")
+    m.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (--method lora)")
+    m.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA alpha (--method lora)")
+    m.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="LoRA dropout (--method lora)")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW")
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    o.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear warm-up steps, then linear decay to 0; 0 uses --warmup-ratio")
+    o.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
+                   help="warm-up as a fraction of all steps (when --warmup-steps is 0)")
+    o.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help="clip the gradient norm to this; 0 disables clipping")
+    o.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
+    o.add_argument("--max-steps", type=int, default=d.max_steps,
+                   help="stop after this many optimiser steps (overrides --epochs)")
+    o.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
+    o.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per optimiser step (effective batch = batch-size x grad-accum)")
+
+    e = p.add_argument_group("evaluation and early stopping")
+    e.add_argument("--eval-steps", type=int, default=d.eval_steps,
+                   help="evaluate on --dev-file every N optimiser steps (default: at the end of every epoch)")
+    e.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help="batch size for evaluation (default: --batch-size)")
+    e.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after this many evaluations without dev-loss improvement (needs --dev-file)")
+    e.add_argument("--min-delta", type=float, default=d.min_delta,
+                   help="a dev loss must beat the best by more than this to count as an improvement")
+
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=d.seed, help="seed for python, numpy and torch (init and shuffling)")
+    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
+                   help="dtype the base model is loaded in (generators always train in float32)")
+    r.add_argument("--device", default=d.device, help="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train import TrainArgs, train
+
+    targs = TrainArgs(
+        model=args.model, train_file=args.train_file, output_dir=args.output_dir, dev_file=args.dev_file,
+        method=args.method, r=args.r, pooler=args.pooler, activation=args.activation,
+        targets=_targets(args.targets), lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_len=args.max_len, eval_steps=args.eval_steps, eval_batch_size=args.eval_batch_size,
+        patience=args.patience, min_delta=args.min_delta, seed=args.seed, dtype=args.dtype,
+        device=args.device, progress=not args.no_progress)
+    metrics = train(targs)
+    summary = {k: metrics[k] for k in ("method", "output_dir", "steps", "stopped_early", "initial_dev_loss",
+                                       "best_dev_loss", "best_step", "final_train_loss", "trainable_params",
+                                       "wall_time_s")}
+    print(json.dumps(summary))
+    return 0
+
+
+# -- the table -------------------------------------------------------------------------
+# Add a subcommand: write add_<name>_arguments and run_<name> above, add one line here.
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a PEDRO adapter (or a LoRA / IA3 baseline) on JSONL data",
+                     add_train_arguments, run_train, TRAIN_DESCRIPTION),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-pedro", description="PEDRO prompt-dependent adapters: train, serve with vLLM, benchmark.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help, formatter_class=_Formatter)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args._run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad data, options or paths: no traceback
+        print(f"vllm-pedro {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if rc is None else int(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

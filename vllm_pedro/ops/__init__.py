@@ -1,0 +1,189 @@
+"""PEDRO gather-scale ops: one launch per layer and target over the whole batch.
+
+Each token t carries a slot index slot_idx[t] into a per-layer vector table
+vectors[S, W]; slot -1 is a base-model token and is left bit-identical. Backends:
+torch (reference, CPU), triton (main GPU path), cuda (csrc/ custom op). Choice:
+env VLLM_PEDRO_OPS_BACKEND in {torch, triton, cuda}, else auto: CPU tensors -> torch,
+CUDA tensors -> triton if importable, else the CUDA op, else torch (logged once).
+
+Checks here look at shapes, dtypes and devices only, never at values: no host sync,
+so the ops run under CUDA-graph capture with static buffers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from . import cuda as _cuda
+from . import reference as _reference
+
+__all__ = ["scale_qkv_", "scale_", "silu_and_mul_scaled", "backend_name",
+           "BackendUnavailableError", "ENV_BACKEND"]
+
+ENV_BACKEND = "VLLM_PEDRO_OPS_BACKEND"
+BACKENDS = ("torch", "triton", "cuda")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SLOT_DTYPES = (torch.int32, torch.int64)
+
+logger = logging.getLogger(__name__)
+_fallback_logged = False
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for (VLLM_PEDRO_OPS_BACKEND) that cannot run here."""
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def _triton():
+    """(module, "") or (None, reason). Imported lazily: the package works without triton."""
+    try:
+        from . import triton_kernels
+        return triton_kernels, ""
+    except Exception as e:  # ImportError, or a triton that fails to initialise
+        return None, f"triton is not importable ({type(e).__name__}: {e})"
+
+
+def _requested() -> str:
+    req = os.environ.get(ENV_BACKEND, "").strip().lower() or "auto"
+    if req not in ("auto",) + BACKENDS:
+        raise ValueError(f"{ENV_BACKEND}={req!r}: expected one of {', '.join(BACKENDS)}")
+    return req
+
+
+def _resolve(device_type: str) -> str:
+    global _fallback_logged
+    req = _requested()
+    if req == "torch":
+        return "torch"
+    if req == "triton":
+        mod, why = _triton()
+        if mod is None:
+            raise BackendUnavailableError(f"{ENV_BACKEND}=triton but {why}")
+        if device_type != "cuda" and not _interpret():
+            raise BackendUnavailableError(
+                f"{ENV_BACKEND}=triton on {device_type} tensors needs TRITON_INTERPRET=1 "
+                "(Triton has no CPU backend)")
+        return "triton"
+    if req == "cuda":
+        if device_type != "cuda":
+            raise BackendUnavailableError(
+                f"{ENV_BACKEND}=cuda needs CUDA tensors, got {device_type} tensors")
+        ok, why = _cuda.load()
+        if not ok:
+            raise BackendUnavailableError(f"{ENV_BACKEND}=cuda but the CUDA op is unavailable: {why}")
+        return "cuda"
+    if device_type != "cuda":
+        return "torch"
+    if _triton()[0] is not None:
+        return "triton"
+    ok, why = _cuda.load()
+    if ok:
+        return "cuda"
+    if not _fallback_logged:
+        _fallback_logged = True
+        logger.warning("vllm_pedro.ops: neither triton (%s) nor the CUDA op (%s) is available; "
+                       "using the torch reference ops (slower)", _triton()[1], why)
+    return "torch"
+
+
+def _impl(device: torch.device):
+    name = _resolve(device.type)
+    if name == "torch":
+        return _reference
+    if name == "triton":
+        return _triton()[0]
+    return _cuda
+
+
+def backend_name(device) -> str:
+    """The backend the ops would run on for tensors on `device`."""
+    return _resolve(torch.device(device).type)
+
+
+# ---- validation: shapes, dtypes, devices only ----
+
+def _check_rows(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"{name} dtype {x.dtype} unsupported (float32, float16, bfloat16)")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} needs a contiguous last dim, got strides {x.stride()}")
+
+
+def _check(x, vectors, slot_idx, name: str) -> None:
+    _check_rows(x, name)
+    _check_rows(vectors, "vectors")
+    if vectors.dtype != x.dtype:
+        raise ValueError(f"vectors dtype {vectors.dtype} != {name} dtype {x.dtype}")
+    if not isinstance(slot_idx, torch.Tensor) or slot_idx.dim() != 1 \
+            or slot_idx.dtype not in _SLOT_DTYPES:
+        raise ValueError("slot_idx must be a 1-D int32 or int64 tensor")
+    if slot_idx.shape[0] < x.shape[0]:
+        raise ValueError(f"slot_idx has {slot_idx.shape[0]} entries for {x.shape[0]} tokens")
+    if vectors.device != x.device or slot_idx.device != x.device:
+        raise ValueError(f"{name} ({x.device}), vectors ({vectors.device}) and slot_idx "
+                         f"({slot_idx.device}) must be on one device")
+
+
+def _check_col(col: int, width: int, vectors, name: str) -> None:
+    if col >= 0 and col + width > vectors.shape[1]:
+        raise ValueError(f"{name} columns [{col}, {col + width}) exceed vectors width "
+                         f"{vectors.shape[1]}")
+
+
+# ---- the ops ----
+
+def scale_qkv_(qkv, vectors, slot_idx, q_size: int, kv_size: int,
+               q_col: int, k_col: int, v_col: int) -> None:
+    """In place, one launch: qkv's q / k / v ranges *= vectors[slot, col:col+width] for each
+    range whose col >= 0, for tokens with slot >= 0."""
+    _check(qkv, vectors, slot_idx, "qkv")
+    if q_size < 0 or kv_size < 0 or qkv.shape[1] != q_size + 2 * kv_size:
+        raise ValueError(f"qkv width {qkv.shape[1]} != q_size {q_size} + 2 * kv_size {kv_size}")
+    _check_col(q_col, q_size, vectors, "q")
+    _check_col(k_col, kv_size, vectors, "k")
+    _check_col(v_col, kv_size, vectors, "v")
+    if qkv.shape[0] == 0:
+        return
+    _impl(qkv.device).scale_qkv_(qkv, vectors, slot_idx, q_size, kv_size, q_col, k_col, v_col)
+
+
+def scale_(x, vectors, slot_idx, col: int) -> None:
+    """In place: x[t, :] *= vectors[slot_idx[t], col:col+D] for tokens with slot >= 0.
+    col < 0 (target not adapted, as in scale_qkv_): no-op."""
+    _check(x, vectors, slot_idx, "x")
+    _check_col(col, x.shape[1], vectors, "x")
+    if x.shape[0] == 0:
+        return
+    _impl(x.device).scale_(x, vectors, slot_idx, col)
+
+
+def silu_and_mul_scaled(gate_up, vectors, slot_idx, col: int, out=None) -> torch.Tensor:
+    """silu(gate) * up * vectors[slot, col:col+D], gate_up = [gate | up]. Factor 1 for
+    slot -1 tokens, and for all tokens when col < 0 (plain SiluAndMul)."""
+    _check(gate_up, vectors, slot_idx, "gate_up")
+    T, two_d = gate_up.shape
+    if two_d % 2:
+        raise ValueError(f"gate_up width {two_d} is odd; expected [gate | up]")
+    D = two_d // 2
+    _check_col(col, D, vectors, "up")
+    if out is None:
+        out = torch.empty(T, D, dtype=gate_up.dtype, device=gate_up.device)
+    else:
+        _check_rows(out, "out")
+        if tuple(out.shape) != (T, D) or out.dtype != gate_up.dtype or out.device != gate_up.device:
+            raise ValueError(f"out {tuple(out.shape)} {out.dtype} {out.device} does not fit "
+                             f"gate_up {tuple(gate_up.shape)} {gate_up.dtype} {gate_up.device}")
+    if T == 0:
+        return out
+    return _impl(gate_up.device).silu_and_mul_scaled(gate_up, vectors, slot_idx, col, out)
