@@ -265,6 +265,27 @@ def test_generate_equals_full_recompute_every_step(tiny_llama_dir, tiny_qwen2_di
         assert (base - out.logits[-1]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_beam_search_expands_prompt_vectors_per_beam(tiny_llama_dir, tiny_qwen2_dir, arch):
+    directory = tiny_llama_dir if arch == "llama" else tiny_qwen2_dir
+    model = load(directory)
+    gen = torch.Generator().manual_seed(4)
+    ids = random_ids(gen, model.config.vocab_size, 2, 6)
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    base = model.generate(ids, **kw)
+    pm = get_pedro_model(model, PedroConfig(r=4))
+    assert torch.equal(pm.generate(ids, **kw), base)  # fresh adapter: the base model's beams
+    randomize(pm, 2)
+    out = pm.generate(ids, **kw)
+    assert out.shape == base.shape
+    beams = vectors(pm)
+    with torch.no_grad():
+        pm(ids)
+    for layer, v in pm.state.vectors.items():  # every beam of row b holds row b's prompt vectors
+        torch.testing.assert_close(beams[layer], v.repeat_interleave(3, dim=0), atol=1e-5, rtol=1e-5)
+
+
 # -- padded batches == one by one -----------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("pooler", POOLERS)

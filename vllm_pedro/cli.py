@@ -148,6 +148,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train a PEDRO adapter (or a LoRA / IA3 baseline) on JSONL data",
                      add_train_arguments, run_train, TRAIN_DESCRIPTION),
 }
+COMMANDS.update(__import__("vllm_pedro.demo", fromlist=["cli_commands"]).cli_commands(Command))  # serve, demo
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -85,3 +85,21 @@ def _write_rope_theta_top_level(directory: str) -> None:
     cfg["rope_theta"] = theta
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def build_random_adapter(model_dir: str, out_dir: str, seed: int = 0, scale: float = 0.3, **config) -> str:
+    """A PEDRO adapter with random non-zero generator weights (W_up included), so it
+    visibly changes the model: for tests, demos and benchmarks."""
+    from transformers import AutoModelForCausalLM
+
+    from .config import PedroConfig
+    from .hf.model import get_pedro_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    pm = get_pedro_model(model, PedroConfig(**config))
+    with torch.no_grad():
+        for p in pm.generators.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    pm.save_pretrained(out_dir)
+    return out_dir

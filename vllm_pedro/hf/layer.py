@@ -51,6 +51,9 @@ class PedroLayerHooks:
         if mask is None or not self.state.enabled:
             return None
         hs = find_attention_input(args, kwargs)  # [B, T, d]
+        if mask.shape[1] == hs.shape[1] and mask.shape[0] < hs.shape[0] and hs.shape[0] % mask.shape[0] == 0:
+            # generate() expanded the batch (beams, num_return_sequences) with repeat_interleave
+            mask = mask.repeat_interleave(hs.shape[0] // mask.shape[0], dim=0)
         if mask.shape != hs.shape[:2]:
             raise RuntimeError(f"prompt mask {tuple(mask.shape)} does not match hidden states "
                                f"{tuple(hs.shape[:2])}")

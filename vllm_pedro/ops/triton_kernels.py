@@ -57,7 +57,9 @@ def _silu_mul_kernel(gu_ptr, gu_stride, out_ptr, out_stride, vec_ptr, vec_stride
     gu_row = gu_ptr + t * gu_stride
     g = tl.load(gu_row + c, mask=m, other=0.0).to(tl.float32)
     u = tl.load(gu_row + D + c, mask=m, other=0.0).to(tl.float32)
-    y = g * tl.sigmoid(g) * u
+    # Not tl.sigmoid: a @jit library function that breaks when the interpreter and the
+    # compiler are mixed in one process (triton imported in the other mode).
+    y = g / (1.0 + tl.exp(-g)) * u
     if HAS_VEC:  # col >= 0; base tokens (slot < 0): factor 1 and no vector read
         s = tl.load(slot_ptr + t * slot_stride).to(tl.int64)
         v = tl.load(vec_ptr + tl.maximum(s, 0) * vec_stride + col + c,

@@ -23,7 +23,46 @@ def patch_llm_alias() -> None:
     vllm.LLM = LLM
 
 
-PATCHES = {"llm_alias": patch_llm_alias}
+def patch_async_llm_pedro_requests() -> None:
+    """vLLM 0.32.x (AsyncLLM.add_request of vllm/v1/engine/async_llm.py, 0.32.0): the
+    OpenAI server routes a PEDRO adapter like a LoRA, as a serving.PedroLoRARequest in
+    OpenAIServingModels.lora_requests. Here, where every generate / beam-search request
+    enters the engine client, such a request becomes what the offline API sends: the
+    sampling params of offline.pedro_params, a prompt salted with offline.cache_salt
+    when prefix caching is on, and no LoRA request. Other requests pass unchanged."""
+    import inspect
+
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    original = AsyncLLM.add_request
+    if getattr(original, "_pedro_wrapped", False):
+        return
+    signature = inspect.signature(original)
+
+    async def add_request(self, *args, **kwargs):
+        from .offline import pedro_params, salted_prompt
+        from .serving import is_pedro
+
+        bound = signature.bind(self, *args, **kwargs)
+        lora = bound.arguments.get("lora_request")
+        if is_pedro(lora):
+            req = lora.pedro_request()
+            prompt = bound.arguments["prompt"]
+            if not isinstance(prompt, (str, dict)):
+                raise ValueError(f"PEDRO adapter {req.name!r}: {type(prompt).__name__} prompts are not "
+                                 "supported (rendered token or text prompts only)")
+            bound.arguments["prompt"] = salted_prompt(
+                prompt, req, bool(self.vllm_config.cache_config.enable_prefix_caching))
+            bound.arguments["params"] = pedro_params(bound.arguments["params"], req)
+            bound.arguments["lora_request"] = None
+        return await original(*bound.args, **bound.kwargs)
+
+    add_request._pedro_wrapped = True
+    add_request.__wrapped__ = original
+    AsyncLLM.add_request = add_request
+
+
+PATCHES = {"llm_alias": patch_llm_alias, "async_llm_pedro_requests": patch_async_llm_pedro_requests}
 
 
 def apply_all() -> None:

@@ -75,6 +75,7 @@ class PedroRuntime:
         self.token_slot = torch.full((self.max_tokens,), -1, dtype=torch.int32, device=device)
         self.step = NO_PREFILL
         self.device = device
+        self.num_prefills = 0  # PEDRO prefills run (recomputed ones after preemption count again)
         set_runtime(self)
 
     @property
@@ -131,6 +132,7 @@ class PedroRuntime:
             self.step = NO_PREFILL
             return
         rows = self.adapters.ensure(adapters)
+        self.num_prefills += len(prefills)
         lens = np.array([p[1] for p in prefills])
         seg = np.repeat(np.arange(len(prefills)), lens)
         offsets = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)

@@ -1,0 +1,605 @@
+"""PEDRO vs LoRA vs IA3 on BIG-bench tasks: one command that trains and evaluates them all.
+
+Every adapter is trained by `vllm_pedro.train.train` (same data, loop, optimiser, schedule,
+steps and batch size); only the method and its size differ:
+
+  lora-r4, lora-r16   peft LoRA on q_proj, v_proj (alpha = 2r)
+  pedro~lora-r4/16    PEDRO (q, v, up; attention pooler; rational activation) with the
+                      rank whose trainable parameter count (SPEC.md section 1 formula,
+                      computed from the base model's shapes) is nearest that LoRA's,
+                      and within 20% of it (else the run refuses)
+  ia3                 peft IA3 (k_proj, v_proj, down_proj)
+  base                the base model with the same prompts, no adapter
+
+Each trained variant runs with every seed (default 0 1 2); the summary reports the
+median (and min-max) over seeds. Test generation is greedy. PEDRO adapters are decoded
+twice: by the vLLM plugin (`vllm_pedro.LLM(..., enable_pedro=True)`) and by the
+transformers reference (`PedroModel.generate`); both sets of scores are reported with
+the fraction of test prompts on which the two produced identical tokens. LoRA, IA3 and
+base are decoded with transformers (peft); base also with vLLM.
+
+Outputs (--out, default benchmarks/results/quality/): runs/<task>/<variant>/seed<k>.json
+per run, summary.json, summary.md (markdown table) and quality.png (bar plot).
+
+examples:
+  python benchmarks/quality/run.py --tiny                           # seconds, synthetic data
+  python benchmarks/quality/run.py --model ./SmolLM2-135M --tasks strategyqa \\
+      --steps 300 --max-train 2000 --max-test 200
+
+Set VLLM_ENABLE_V1_MULTIPROCESSING=0 and VLLM_CPU_KVCACHE_SPACE=1 on the CPU (this
+script sets them when they are unset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+DEFAULT_TASKS = ("gem/e2e_nlg", "multiemo/all_sentence_en", "strategyqa")
+DEFAULT_LR = {"pedro": 1e-3, "lora": 1e-3, "ia3": 3e-3}
+PRIMARY = {"generation": "rougeL", "classification": "accuracy"}
+
+
+# -- parameter counts ----------------------------------------------------------------------
+def lora_param_count(shapes, r: int, targets=("q", "v")) -> int:
+    """peft LoRA on the given projections: r * (in + out) per projection and layer."""
+    per_layer = sum(r * (shapes.hidden_size + shapes.width(t)) for t in targets)
+    return shapes.num_layers * per_layer
+
+
+def pedro_param_count(shapes, r: int, targets=("q", "v", "up"), pooler: str = "attention",
+                      activation: str = "rational") -> int:
+    """SPEC.md section 1, per layer: d*r + r + r*D + D + pooler + rational coefficients,
+    D = sum of the target widths."""
+    from vllm_pedro.generator import GELU_DENOMINATOR, GELU_NUMERATOR
+
+    d = shapes.hidden_size
+    out = sum(shapes.width(t) for t in targets)
+    extra = (d if pooler == "attention" else 0) + \
+        (len(GELU_NUMERATOR) + len(GELU_DENOMINATOR) if activation == "rational" else 0)
+    return shapes.num_layers * (d * r + r + r * out + out + extra)
+
+
+def match_pedro_rank(shapes, target: int, tolerance: float = 0.2, **kw) -> tuple[int, int]:
+    """(r, count): the PEDRO rank whose parameter count is nearest `target`; raises when
+    even the best is more than `tolerance` (relative) away."""
+    best = None
+    for r in range(1, 4096):
+        n = pedro_param_count(shapes, r, **kw)
+        if best is None or abs(n - target) < abs(best[1] - target):
+            best = (r, n)
+        if n > target:
+            break
+    r, n = best
+    if abs(n - target) > tolerance * target:
+        raise ValueError(f"no PEDRO rank within {tolerance:.0%} of {target} parameters "
+                         f"(nearest: r={r} with {n}); the fixed per-layer cost is too large for this model")
+    return r, n
+
+
+def shapes_of_model_dir(model_dir: str):
+    from transformers import AutoConfig
+
+    from vllm_pedro.config import BaseShapes
+
+    c = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return BaseShapes(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
+                      q_size=c.num_attention_heads * head_dim, kv_size=kv * head_dim, ff_size=c.intermediate_size)
+
+
+def build_variants(methods, lora_ranks, shapes, tolerance=0.2) -> list[dict]:
+    """The variants to run, in table order."""
+    out = []
+    if "base" in methods:
+        out.append({"variant": "base", "method": "base", "trained": False, "params_formula": 0})
+    for lr_ in lora_ranks:
+        n_lora = lora_param_count(shapes, lr_)
+        if "lora" in methods:
+            out.append({"variant": f"lora-r{lr_}", "method": "lora", "trained": True, "lora_r": lr_,
+                        "params_formula": n_lora})
+        if "pedro" in methods:
+            r, n = match_pedro_rank(shapes, n_lora, tolerance)
+            out.append({"variant": f"pedro~lora-r{lr_}", "method": "pedro", "trained": True, "r": r,
+                        "params_formula": n, "matched_to": f"lora-r{lr_}", "matched_params": n_lora,
+                        "param_ratio": n / n_lora})
+    if "ia3" in methods:
+        out.append({"variant": "ia3", "method": "ia3", "trained": True, "params_formula": None})
+    return out
+
+
+# -- generation ---------------------------------------------------------------------------
+def eos_ids_of(tokenizer, model_dir: str) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    try:
+        from transformers import GenerationConfig
+
+        g = GenerationConfig.from_pretrained(model_dir, local_files_only=True).eos_token_id
+        ids |= set(g if isinstance(g, list) else [g])
+    except Exception:
+        pass
+    return sorted(i for i in ids if i is not None)
+
+
+def cut_at_eos(ids, eos_ids) -> list[int]:
+    ids = list(ids)
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[:i]
+    return ids
+
+
+def prompt_token_ids(tokenizer, prompts) -> list[list[int]]:
+    # Exactly how training encodes a prompt (vllm_pedro.data.encode_example).
+    return [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+
+
+def hf_generate(model_dir: str, method: str, adapter_dir: str | None, prompt_ids, max_new_tokens: int,
+                batch_size: int, dtype: str = "float32") -> list[list[int]]:
+    """Greedy generation with transformers: PedroModel.generate, a peft model, or the base."""
+    import torch
+
+    from vllm_pedro.data import pad_token_id
+    from vllm_pedro.hf.model import PedroModel
+    from vllm_pedro.train import load_base_model
+
+    model, tok = load_base_model(model_dir, dtype, "cpu")
+    if method == "pedro":
+        model = PedroModel.from_pretrained(model, adapter_dir)
+    elif method in ("lora", "ia3"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    eos = eos_ids_of(tok, model_dir)
+    pad = pad_token_id(tok)
+    outs = []
+    with torch.no_grad():
+        for s in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[s:s + batch_size]
+            width = max(len(p) for p in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(chunk):  # left padding
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=pad)
+            for row in gen[:, width:].tolist():
+                outs.append(cut_at_eos(row, eos))
+    del model
+    gc.collect()
+    return outs
+
+
+class VllmEvaluator:
+    """One vLLM engine (with PEDRO) for every adapter of the study."""
+
+    def __init__(self, model_dir: str, max_rank: int, max_model_len: int, dtype: str = "float32"):
+        from vllm_pedro.vllm import LLM
+
+        self.model_dir = model_dir
+        self.llm = LLM(model_dir, enable_pedro=True, max_pedro_adapters=2, max_pedro_rank=max(1, max_rank),
+                       dtype=dtype, enforce_eager=True, max_model_len=max_model_len, max_num_seqs=16, seed=0)
+        self._next_id = 1
+
+    def generate(self, prompt_ids, max_new_tokens: int, eos_ids, adapter_dir: str | None = None,
+                 name: str = "adapter") -> list[list[int]]:
+        from vllm import SamplingParams
+
+        from vllm_pedro.vllm import PedroRequest
+
+        req = None
+        if adapter_dir is not None:
+            req = PedroRequest(f"{name}-{self._next_id}", self._next_id, os.path.abspath(adapter_dir))
+            self._next_id += 1
+        params = SamplingParams(temperature=0, max_tokens=max_new_tokens, stop_token_ids=list(eos_ids))
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+        outs = self.llm.generate(prompts, params, pedro_request=req, use_tqdm=False)
+        res = []
+        for o in outs:
+            if getattr(o, "pedro_error", None):
+                raise RuntimeError(f"vLLM PEDRO request failed: {o.pedro_error}")
+            res.append(cut_at_eos(o.outputs[0].token_ids, eos_ids))
+        return res
+
+    def close(self):
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
+        del self.llm
+        gc.collect()
+
+
+# -- the study ------------------------------------------------------------------------------
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def log(msg: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def prepare_data(args, work: str) -> dict[str, dict]:
+    from vllm_pedro import tasks
+
+    metas = {}
+    for t in args.tasks:
+        spec = tasks.get_task(t)
+        task_json = None
+        if args.tiny:
+            task_json = tasks.write_synthetic_task(spec.name, os.path.join(work, "synthetic"), n=args.tiny_examples,
+                                                   seed=args.data_seed)
+        elif args.bigbench_dir:
+            task_json = os.path.join(args.bigbench_dir, spec.name, "task.json")
+        metas[spec.name] = tasks.prepare_task(spec.name, os.path.join(work, "data"), seed=args.data_seed,
+                                              max_train=args.max_train, max_dev=args.max_dev,
+                                              max_test=args.max_test, task_json=task_json,
+                                              progress=args.progress)
+        log(f"data {spec.name}: {metas[spec.name]['counts']}")
+    return metas
+
+
+def train_one(args, model_dir, meta, variant, seed, adapter_dir) -> dict:
+    from vllm_pedro.train import TrainArgs, train
+
+    m = variant["method"]
+    lr = args.lr.get(m, DEFAULT_LR[m])
+    ta = TrainArgs(model=model_dir, train_file=meta["paths"]["train"],
+                   dev_file=meta["paths"]["dev"] if meta["counts"].get("dev") else None,
+                   output_dir=adapter_dir, method=m, r=variant.get("r", 16),
+                   lora_r=variant.get("lora_r", 8), lora_alpha=2 * variant.get("lora_r", 8),
+                   lr=lr, warmup_ratio=0.06, max_steps=args.steps, batch_size=args.batch_size,
+                   grad_accum=args.grad_accum, max_len=args.max_len,
+                   eval_steps=args.eval_steps or None, eval_batch_size=args.batch_size,
+                   seed=seed, dtype=args.dtype, device="cpu", progress=args.progress)
+    return train(ta)
+
+
+def run_study(args) -> dict:
+    import torch
+
+    from vllm_pedro import tasks
+    from vllm_pedro.train import load_base_model
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    out_dir = os.path.abspath(args.out)
+    work = os.path.abspath(args.work_dir)
+    os.makedirs(work, exist_ok=True)
+
+    if args.tiny:
+        from vllm_pedro.tiny import build_tiny_model
+
+        model_dir = build_tiny_model(os.path.join(work, "tiny-model"), arch="llama", seed=0)
+    else:
+        if not args.model:
+            raise SystemExit("give --model DIR (a local transformers model directory) or --tiny")
+        model_dir = resolve_model(args.model)
+    shapes = shapes_of_model_dir(model_dir)
+    variants = build_variants(args.methods, args.lora_ranks, shapes, args.param_tolerance)
+    for v in variants:
+        if v["method"] == "pedro":
+            log(f"{v['variant']}: r={v['r']}, {v['params_formula']:,} params vs {v['matched_params']:,} "
+                f"({v['param_ratio']:.3f}x)")
+    metas = prepare_data(args, work)
+    _, tokenizer = load_base_model(model_dir, args.dtype, "cpu")
+    eos = eos_ids_of(tokenizer, model_dir)
+
+    # Everything each run needs, then: train all, HF-evaluate all, vLLM-evaluate all.
+    runs = []
+    for task_name, meta in metas.items():
+        spec = tasks.get_task(task_name)
+        test = tasks.read_records(meta["paths"]["test"])
+        pids = prompt_token_ids(tokenizer, [r["prompt"] for r in test])
+        for v in variants:
+            for seed in (args.seeds if v["trained"] else [None]):
+                tag = "seed-none" if seed is None else f"seed{seed}"
+                runs.append({"task": task_name, "spec": spec, "meta": meta, "test": test, "pids": pids,
+                             "variant": v, "seed": seed,
+                             "json": os.path.join(out_dir, "runs", spec.slug, v["variant"], f"{tag}.json"),
+                             "adapter": os.path.join(work, "adapters", spec.slug, v["variant"], tag)})
+    todo = [r for r in runs if args.overwrite or not os.path.isfile(r["json"])]
+    log(f"{len(runs)} runs, {len(todo)} to do")
+
+    for i, r in enumerate(todo):
+        v = r["variant"]
+        r["result"] = {"task": r["task"], "variant": v["variant"], "method": v["method"], "seed": r["seed"],
+                       "model": model_dir, "variant_config": v, "data": {k: r["meta"][k] for k in
+                                                                         ("counts", "seed", "source_sha256")}}
+        if v["trained"]:
+            log(f"train [{i + 1}/{len(todo)}] {r['task']} {v['variant']} seed {r['seed']}")
+            m = train_one(args, model_dir, r["meta"], v, r["seed"], r["adapter"])
+            r["result"]["train"] = {k: m[k] for k in ("steps", "best_dev_loss", "best_step", "initial_dev_loss",
+                                                      "final_train_loss", "trainable_params", "wall_time_s",
+                                                      "stopped_early")}
+            r["result"]["train"]["lr"] = m["args"]["lr"]
+            r["result"]["trainable_params"] = m["trainable_params"]
+            if v["params_formula"] is not None and m["trainable_params"] != v["params_formula"]:
+                raise RuntimeError(f"{v['variant']}: trainable parameters {m['trainable_params']} differ from "
+                                   f"the formula's {v['params_formula']}")
+        else:
+            r["result"]["trainable_params"] = 0
+
+    for r in todo:
+        v, spec = r["variant"], r["spec"]
+        t = time.perf_counter()
+        hf_bs = args.pedro_hf_batch_size if v["method"] == "pedro" else args.hf_batch_size
+        ids = hf_generate(model_dir, v["method"], r["adapter"] if v["trained"] else None, r["pids"],
+                          spec.max_new_tokens, hf_bs, args.dtype)
+        r["hf_ids"] = ids
+        texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+        r["result"]["scores_hf"] = tasks.score(r["task"], texts, r["test"])
+        r["result"]["eval_hf_s"] = time.perf_counter() - t
+        r["result"]["predictions_hf"] = texts[:args.keep_predictions]
+        log(f"eval hf {r['task']} {v['variant']} seed {r['seed']}: {r['result']['scores_hf']}")
+
+    vllm_todo = [r for r in todo if r["variant"]["method"] in ("pedro", "base")]
+    if args.no_vllm:
+        for r in vllm_todo:
+            r["result"]["scores_vllm"] = None
+            r["result"]["vllm_skipped"] = "--no-vllm"
+    elif vllm_todo:
+        max_rank = max([r["variant"].get("r", 1) for r in vllm_todo])
+        longest = max(len(p) for r in vllm_todo for p in r["pids"])
+        max_len = max(r["spec"].max_new_tokens for r in vllm_todo) + longest + 8
+        t = time.perf_counter()
+        ev = VllmEvaluator(model_dir, max_rank, max_model_len=max_len, dtype=args.dtype)
+        log(f"vLLM engine up in {time.perf_counter() - t:.1f}s")
+        try:
+            for r in vllm_todo:
+                v, spec = r["variant"], r["spec"]
+                t = time.perf_counter()
+                ids = ev.generate(r["pids"], spec.max_new_tokens, eos, r["adapter"] if v["trained"] else None,
+                                  name=v["variant"])
+                texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+                res = r["result"]
+                res["scores_vllm"] = tasks.score(r["task"], texts, r["test"])
+                res["eval_vllm_s"] = time.perf_counter() - t
+                res["predictions_vllm"] = texts[:args.keep_predictions]
+                same = [a == b for a, b in zip(ids, r["hf_ids"])]
+                res["vllm_hf_agreement"] = {
+                    "n": len(same), "identical": sum(same), "rate": sum(same) / max(1, len(same)),
+                    "mismatches": [{"index": i, "hf": r["hf_ids"][i], "vllm": ids[i]}
+                                   for i, s in enumerate(same) if not s][:5]}
+                log(f"eval vllm {r['task']} {v['variant']} seed {r['seed']}: {res['scores_vllm']} "
+                    f"(identical to transformers on {sum(same)}/{len(same)})")
+        finally:
+            ev.close()
+
+    for r in todo:
+        r["result"]["args"] = {k: v for k, v in vars(args).items() if k != "func"}
+        write_json(r["json"], r["result"])
+    summary = summarize(out_dir, [r["json"] for r in runs], variants, args, model_dir, shapes)
+    summary["wall_time_s"] = time.perf_counter() - t0
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    log(f"done in {summary['wall_time_s']:.0f}s: {os.path.join(out_dir, 'summary.md')}")
+    return summary
+
+
+def resolve_model(name: str) -> str:
+    """A local model directory, or a name vllm_pedro.models knows how to fetch (when
+    that module exists)."""
+    if os.path.isdir(name):
+        return name
+    try:
+        from vllm_pedro import models  # written separately; its API may still change
+    except ImportError as e:
+        raise SystemExit(f"--model {name!r} is not a directory and vllm_pedro.models is not available ({e})")
+    for fn in ("get_model", "fetch_model", "prepare_model", "ensure_model", "smollm2_135m"):
+        f = getattr(models, fn, None)
+        if callable(f):
+            return str(f(name)) if fn != "smollm2_135m" else str(f())
+    raise SystemExit(f"--model {name!r} is not a directory, and vllm_pedro.models has no known fetch function")
+
+
+def _stats(vals):
+    vals = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals), "values": vals}
+
+
+def summarize(out_dir, json_paths, variants, args, model_dir, shapes) -> dict:
+    from vllm_pedro import tasks
+
+    results = [json.load(open(p)) for p in json_paths if os.path.isfile(p)]
+    order = [v["variant"] for v in variants]
+    rows = []
+    for task_name in dict.fromkeys(r["task"] for r in results):
+        spec = tasks.get_task(task_name)
+        for vname in order:
+            rs = [r for r in results if r["task"] == task_name and r["variant"] == vname]
+            if not rs:
+                continue
+            v = rs[0]["variant_config"]
+            row = {"task": task_name, "variant": vname, "method": v["method"], "r": v.get("r"),
+                   "lora_r": v.get("lora_r"), "trainable_params": rs[0]["trainable_params"],
+                   "param_ratio": v.get("param_ratio"), "seeds": [r["seed"] for r in rs], "metrics": {}}
+            for metric in spec.metrics:
+                row["metrics"][metric] = {
+                    "hf": _stats([(r.get("scores_hf") or {}).get(metric) for r in rs]),
+                    "vllm": _stats([(r.get("scores_vllm") or {}).get(metric) for r in rs])}
+            ag = [r["vllm_hf_agreement"] for r in rs if r.get("vllm_hf_agreement")]
+            if ag:
+                row["agreement"] = {"identical": sum(a["identical"] for a in ag), "n": sum(a["n"] for a in ag)}
+            row["best_dev_loss"] = _stats([(r.get("train") or {}).get("best_dev_loss") for r in rs])
+            row["train_s"] = _stats([(r.get("train") or {}).get("wall_time_s") for r in rs])
+            rows.append(row)
+    summary = {"model": model_dir, "shapes": shapes.__dict__, "tiny": args.tiny, "steps": args.steps,
+               "batch_size": args.batch_size, "seeds": args.seeds, "lr": {**DEFAULT_LR, **args.lr},
+               "rows": rows}
+    write_markdown(os.path.join(out_dir, "summary.md"), summary)
+    try:
+        plot(os.path.join(out_dir, "quality.png"), summary)
+    except Exception as e:  # the plot is a convenience; never lose the numbers for it
+        log(f"plot failed: {e}")
+    return summary
+
+
+def _fmt(s):
+    if s is None:
+        return "-"
+    if s["n"] == 1:
+        return f"{s['median']:.1f}"
+    return f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+
+
+def write_markdown(path: str, summary: dict) -> None:
+    from vllm_pedro import tasks
+
+    lines = [f"# PEDRO vs LoRA vs IA3: quality ({'tiny synthetic smoke run' if summary['tiny'] else 'BIG-bench'})",
+             "", f"Model: `{summary['model']}`; {summary['steps']} steps x batch {summary['batch_size']}; "
+             f"seeds {summary['seeds']}; lr {summary['lr']}.",
+             "Scores x100, median over seeds (min-max). `hf`: transformers generation, `vllm`: the vLLM "
+             "plugin (greedy). Agreement: test prompts whose vLLM tokens equal the transformers tokens.", ""]
+    for task_name in dict.fromkeys(r["task"] for r in summary["rows"]):
+        metrics = tasks.get_task(task_name).metrics
+        lines += [f"## {task_name}", "",
+                  "| variant | rank | trainable params | vs LoRA | " + " | ".join(
+                      f"{m} hf | {m} vllm" for m in metrics) + " | vLLM = HF | best dev loss |",
+                  "|---|---|---|---|" + "---|---|" * len(metrics) + "---|---|"]
+        for row in [r for r in summary["rows"] if r["task"] == task_name]:
+            rank = row["r"] if row["method"] == "pedro" else row["lora_r"]
+            ratio = f"{row['param_ratio']:.2f}x" if row.get("param_ratio") else "-"
+            ag = row.get("agreement")
+            cells = [row["variant"], str(rank or "-"), f"{row['trainable_params']:,}", ratio]
+            for m in metrics:
+                cells += [_fmt(row["metrics"][m]["hf"]), _fmt(row["metrics"][m]["vllm"])]
+            cells += [f"{ag['identical']}/{ag['n']}" if ag else "-",
+                      f"{row['best_dev_loss']['median']:.3f}" if row.get("best_dev_loss") else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot(path: str, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vllm_pedro import tasks
+
+    panels = [(t, m) for t in dict.fromkeys(r["task"] for r in summary["rows"]) for m in tasks.get_task(t).metrics]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (t, m) in zip(axes[0], panels):
+        rows = [r for r in summary["rows"] if r["task"] == t]
+        names, med, lo, hi, pts = [], [], [], [], []
+        for r in rows:
+            s = r["metrics"][m]["vllm"] if r["method"] == "pedro" and r["metrics"][m]["vllm"] else r["metrics"][m]["hf"]
+            if s is None:
+                continue
+            names.append(r["variant"])
+            med.append(s["median"])
+            lo.append(s["median"] - s["min"])
+            hi.append(s["max"] - s["median"])
+            pts.append(s["values"])
+        colors = ["#888888" if n == "base" else "#d62728" if n.startswith("pedro") else
+                  "#1f77b4" if n.startswith("lora") else "#2ca02c" for n in names]
+        x = range(len(names))
+        ax.bar(x, med, yerr=[lo, hi], color=colors, capsize=3)
+        for i, vals in enumerate(pts):
+            ax.scatter([i] * len(vals), vals, s=8, color="black", zorder=3)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{t}: {m}", fontsize=9)
+    fig.suptitle("median over seeds (bars: min-max; PEDRO scored from vLLM generations)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- command line ---------------------------------------------------------------------------
+def _lr_overrides(values) -> dict:
+    out = {}
+    for v in values or []:
+        k, _, x = v.partition("=")
+        if k not in DEFAULT_LR or not x:
+            raise argparse.ArgumentTypeError(f"--lr takes METHOD=VALUE with METHOD in {sorted(DEFAULT_LR)}, got {v!r}")
+        out[k] = float(x)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="local model directory (or a name vllm_pedro.models can fetch)")
+    p.add_argument("--tiny", action="store_true", help="tiny random model + synthetic BIG-bench-format data")
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    p.add_argument("--methods", nargs="+", default=["base", "lora", "pedro", "ia3"],
+                   choices=["base", "lora", "pedro", "ia3"])
+    p.add_argument("--lora-ranks", nargs="+", type=int, default=[4, 16])
+    p.add_argument("--param-tolerance", type=float, default=0.2)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps per run")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--eval-steps", type=int, default=0, help="dev evaluation every N steps (0: at the end)")
+    p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR",
+                   help=f"learning rate overrides (defaults {DEFAULT_LR})")
+    p.add_argument("--max-train", type=int, default=None)
+    p.add_argument("--max-dev", type=int, default=200)
+    p.add_argument("--max-test", type=int, default=200)
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the train/dev/test split")
+    p.add_argument("--bigbench-dir", help="a folder of extracted BIG-bench tasks (<task>/task.json) to use "
+                                          "instead of downloading the sdist")
+    p.add_argument("--tiny-examples", type=int, default=24, help="--tiny: synthetic examples per task")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--hf-batch-size", type=int, default=8, help="transformers generation batch (LoRA, IA3, base)")
+    p.add_argument("--pedro-hf-batch-size", type=int, default=1,
+                   help="transformers generation batch for PEDRO (1: no padding, the exact reference)")
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM evaluation")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--keep-predictions", type=int, default=20, help="generations kept per run JSON")
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results/quality, "
+                                               "with --tiny: benchmarks/results/quality/tiny)")
+    p.add_argument("--work-dir", default=None, help="data splits, adapters, tiny model (default: "
+                                                    "~/.cache/vllm_pedro/quality[-tiny])")
+    p.add_argument("--overwrite", action="store_true", help="redo runs whose JSON exists")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    args.lr = _lr_overrides(args.lr)
+    if args.tiny:
+        for k, v in (("steps", 30), ("max_len", 128)):
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    if args.out is None:
+        args.out = os.path.join(REPO, "benchmarks", "results", "quality", *(["tiny"] if args.tiny else []))
+    if args.work_dir is None:
+        from vllm_pedro.tasks import default_cache_dir
+
+        args.work_dir = os.path.join(default_cache_dir(), "quality-tiny" if args.tiny else "quality")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run_study(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
