@@ -148,9 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
         model, adapters = build_demo(workdir)
         port = args.port or free_port()
         log = open(args.server_log, "w") if args.server_log else None
-        # The engine process forked from the server, not spawned: no second import of
-        # vLLM (~15 s on a small CPU machine).
-        env = server_env(VLLM_WORKER_MULTIPROC_METHOD=os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", "fork"))
+        env = server_env()
         print(f"[demo] starting vllm-pedro serve on 127.0.0.1:{port}", flush=True)
         proc = start_server(model, adapters, port, env=env, log_file=log)
         try:

@@ -15,8 +15,8 @@ SUPPORTED_VLLM = ((0, 32, 0), (0, 33, 0))  # [lower, upper)
 def parse_version(text: str) -> tuple[int, int, int]:
     parts = []
     for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
+        digits = len(piece) - len(piece.lstrip("0123456789"))
+        parts.append(int(piece[:digits]) if digits else 0)  # "0rc1" -> 0
     return tuple((parts + [0, 0, 0])[:3])
 
 

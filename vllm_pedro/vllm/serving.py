@@ -27,7 +27,7 @@ import os
 from argparse import Namespace
 from http import HTTPStatus
 
-import msgspec
+from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 from vllm.lora.request import LoRARequest
 
 from ..config import AdapterError
@@ -176,11 +176,6 @@ class PedroAdapterRegistry:
         return f"Success: PEDRO adapter '{name}' removed successfully."
 
 
-class LoadPedroAdapterRequest(msgspec.Struct):
-    pedro_name: str | None = None
-    pedro_path: str | None = None
-
-
 class PedroEndpoints:
     """The HTTP side of PEDRO, in the shape of a `vllm.endpoint_plugins` plugin."""
 
@@ -190,7 +185,6 @@ class PedroEndpoints:
     def attach_router(self, app) -> None:
         if not runtime_updating_allowed():
             return
-        from fastapi import Request
         from fastapi.responses import JSONResponse, Response
 
         logger.warning("PEDRO runtime adapter loading & unloading is enabled in the API server "

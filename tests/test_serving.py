@@ -1,0 +1,329 @@
+"""`vllm-pedro serve`: the OpenAI API with PEDRO adapters, against the offline engine.
+
+One server for the module (a tiny random Llama, tenant-a and tenant-b from the command
+line, runtime updating on with one allowed root), started on 127.0.0.1 with a free port.
+The offline references (vllm_pedro.LLM, greedy) are computed in a subprocess while the
+server starts. The last test stops the server with SIGTERM and checks that its whole
+process group (the engine process included) is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from vllm_pedro.demo import (build_demo, free_port, group_alive, make_demo_adapter, server_env, start_server,
+                             stop_server, wait_ready)
+
+PROMPTS = ["The quick brown fox", "name: Alpha, food: Italian, area:"]
+CHAT = [{"role": "user", "content": "Is the sky blue?"}]
+MAX_TOKENS = 12
+LONG_TOKENS = 440  # the requests that are in flight during an unload (max-model-len 512)
+
+REFERENCE_SCRIPT = r'''
+import json, sys
+from transformers import AutoTokenizer
+from vllm import SamplingParams
+from vllm_pedro import LLM, PedroRequest
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    llm = LLM(cfg["model"], enable_pedro=True, enforce_eager=True, dtype="float32", max_model_len=512,
+              max_num_seqs=8)
+    tok = AutoTokenizer.from_pretrained(cfg["model"])
+    chat = {"prompt_token_ids": tok.apply_chat_template(cfg["chat"], add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False)}
+    short = SamplingParams(temperature=0, max_tokens=cfg["max_tokens"], ignore_eos=True)
+    long = SamplingParams(temperature=0, max_tokens=cfg["long_tokens"], ignore_eos=True)
+    out = {}
+    for i, (name, path) in enumerate([(None, None)] + list(cfg["adapters"].items())):
+        req = None if name is None else PedroRequest(name, i, path)
+        prompts = cfg["prompts"] + [chat, cfg["prompts"][0]]
+        params = [short] * (len(cfg["prompts"]) + 1) + [long]
+        res = llm.generate(prompts, params, pedro_request=req, use_tqdm=False)
+        texts = [r.outputs[0].text for r in res]
+        out[name or "base"] = {"completions": texts[:len(cfg["prompts"])], "chat": texts[-2], "long": texts[-1]}
+    print("REFERENCE=" + json.dumps(out))
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Start the server and the offline reference together; yield both when ready."""
+    work = tmp_path_factory.mktemp("serving")
+    model, adapters = build_demo(str(work))  # tenant-a, tenant-b (outside the allowed root)
+    root = work / "root"
+    root.mkdir()
+    tenant_c = make_demo_adapter(model, str(root / "tenant-c"), seed=3)
+    # Refusals: a malformed adapter, one for another base, a symlink escaping the root.
+    broken = root / "broken"
+    broken.mkdir()
+    shutil.copy(os.path.join(tenant_c, "adapter_config.json"), broken / "adapter_config.json")
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    from vllm_pedro.tiny import build_tiny_model
+    other_model = build_tiny_model(str(work / "other-base"), hidden_size=64, num_heads=2, num_kv_heads=1,
+                                   intermediate_size=96)
+    make_demo_adapter(other_model, str(root / "other-base"), seed=4)
+    os.symlink(adapters["tenant-a"], root / "escape")
+
+    port = free_port()
+    log_path = work / "server.log"
+    log = open(log_path, "w")
+    proc = start_server(model, adapters, port, extra_args=["--pedro-allowed-roots", str(root), "--max-model-len", "512"],
+                        env=server_env(VLLM_ALLOW_RUNTIME_PEDRO_UPDATING=1), log_file=log)
+    cfg = dict(model=model, adapters={**adapters, "tenant-c": tenant_c}, prompts=PROMPTS, chat=CHAT,
+               max_tokens=MAX_TOKENS, long_tokens=LONG_TOKENS)
+    ref_env = server_env(VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    script = work / "reference.py"
+    script.write_text(REFERENCE_SCRIPT)
+    try:
+        ref_proc = subprocess.run([sys.executable, str(script), json.dumps(cfg)], env=ref_env, capture_output=True,
+                                  text=True, timeout=400)
+        assert ref_proc.returncode == 0, ref_proc.stderr[-3000:]
+        line = [x for x in ref_proc.stdout.splitlines() if x.startswith("REFERENCE=")][-1]
+        reference = json.loads(line[len("REFERENCE="):])
+        try:
+            wait_ready(proc, port, timeout=300)
+        except Exception:
+            log.flush()
+            raise AssertionError(f"server did not start:\n{log_path.read_text()[-5000:]}")
+        yield dict(proc=proc, port=port, model=model, adapters=adapters, root=root, tenant_c=tenant_c,
+                   reference=reference, base_url=f"http://127.0.0.1:{port}", log_path=log_path)
+    finally:
+        if proc.poll() is None or group_alive(proc.pid):
+            stop_server(proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(setup):
+    return openai.OpenAI(base_url=setup["base_url"] + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def complete(client, model, prompt, max_tokens=MAX_TOKENS, stream=False):
+    kw = dict(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
+    if not stream:
+        r = client.completions.create(**kw)
+        return r.model, r.choices[0].text
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert {c.model for c in chunks} == {model}
+    return model, "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def chat(client, model, stream=False):
+    kw = dict(model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True})
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        return r.model, r.choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert {c.model for c in chunks} == {model}
+    return model, "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
+
+
+def names(setup):
+    return {"base": setup["model"], "tenant-a": "tenant-a", "tenant-b": "tenant-b"}
+
+
+def test_models_list(setup, client):
+    cards = {m.id: m for m in client.models.list().data}
+    base = setup["model"]
+    assert set(cards) == {base, "tenant-a", "tenant-b"}
+    for name in ("tenant-a", "tenant-b"):
+        assert cards[name].parent == base
+        assert cards[name].root == setup["adapters"][name]
+    assert getattr(cards[base], "parent", None) is None
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_completions_match_offline(setup, client, stream):
+    ref = setup["reference"]
+    for key, model in names(setup).items():
+        for i, prompt in enumerate(PROMPTS):
+            served_as, text = complete(client, model, prompt, stream=stream)
+            assert served_as == model
+            assert text == ref[key]["completions"][i], (key, prompt)
+    # The adapters change the output (else the comparison above proves little).
+    assert len({ref[k]["completions"][0] for k in ("base", "tenant-a", "tenant-b")}) == 3
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_chat_matches_offline(setup, client, stream):
+    ref = setup["reference"]
+    for key, model in names(setup).items():
+        served_as, text = chat(client, model, stream=stream)
+        assert served_as == model
+        assert text == ref[key]["chat"], key
+
+
+def test_unknown_model_is_404_and_server_keeps_serving(setup, client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="tenant-zzz", prompt="hi", max_tokens=2)
+    r = httpx.post(setup["base_url"] + "/v1/chat/completions",
+                   json={"model": "tenant-zzz", "messages": CHAT, "max_tokens": 2})
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["type"] == "NotFoundError" and err["code"] == 404 and "tenant-zzz" in err["message"]
+    assert complete(client, "tenant-a", PROMPTS[0])[1] == setup["reference"]["tenant-a"]["completions"][0]
+
+
+def load(setup, name, path):
+    return httpx.post(setup["base_url"] + "/v1/load_pedro_adapter", json={"pedro_name": name, "pedro_path": path})
+
+
+def unload(setup, name):
+    return httpx.post(setup["base_url"] + "/v1/unload_pedro_adapter", json={"pedro_name": name})
+
+
+def test_runtime_load_refusals(setup, client):
+    root, c = setup["root"], setup["tenant_c"]
+    cases = {
+        "malformed": load(setup, "t-broken", str(root / "broken")),
+        "other base": load(setup, "t-other", str(root / "other-base")),
+        "outside roots": load(setup, "t-out", setup["adapters"]["tenant-a"]),
+        "dot-dot escape": load(setup, "t-dots", str(root / ".." / "adapters" / "tenant-a")),
+        "symlink escape": load(setup, "t-link", str(root / "escape")),
+        "missing dir": load(setup, "t-missing", str(root / "nope")),
+        "duplicate name": load(setup, "tenant-a", c),
+        "base model name": load(setup, setup["model"], c),
+        "no path": httpx.post(setup["base_url"] + "/v1/load_pedro_adapter", json={"pedro_name": "x"}),
+    }
+    for what, r in cases.items():
+        assert r.status_code == 400, (what, r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["code"] == 400 and err["message"], what
+    assert "another base" in cases["other base"].json()["error"]["message"]
+    assert "allowed root" in cases["outside roots"].json()["error"]["message"]
+    assert "already" in cases["duplicate name"].json()["error"]["message"]
+    # Nothing was added, and the server still serves.
+    assert {m.id for m in client.models.list().data} == {setup["model"], "tenant-a", "tenant-b"}
+    assert complete(client, "tenant-b", PROMPTS[0])[1] == setup["reference"]["tenant-b"]["completions"][0]
+    assert unload(setup, "t-never-loaded").status_code == 404
+
+
+def test_runtime_load_then_unload_with_requests_in_flight(setup, client):
+    ref = setup["reference"]
+    r = load(setup, "tenant-c", setup["tenant_c"])
+    assert r.status_code == 200, r.text
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["tenant-c"].parent == setup["model"]
+    assert complete(client, "tenant-c", PROMPTS[0])[1] == ref["tenant-c"]["completions"][0]
+
+    # Long streaming requests for tenant-c, tenant-a and the base; unload tenant-c as soon
+    # as its request has produced its first token.
+    models = {"tenant-c": "tenant-c", "tenant-a": "tenant-a", "base": setup["model"]}
+    started = threading.Event()
+    results, errors, last_chunk = {}, {}, {}
+
+    def run(key, model):
+        try:
+            stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=LONG_TOKENS, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+            text = []
+            for chunk in stream:
+                if chunk.choices:
+                    text.append(chunk.choices[0].text)
+                    last_chunk[key] = time.monotonic()
+                    if key == "tenant-c":
+                        started.set()
+            results[key] = "".join(text)
+        except Exception as e:  # noqa: BLE001
+            errors[key] = e
+        finally:
+            started.set()
+
+    threads = [threading.Thread(target=run, args=kv) for kv in models.items()]
+    for t in threads:
+        t.start()
+    assert started.wait(120)
+    r = unload(setup, "tenant-c")
+    unloaded_at = time.monotonic()
+    assert r.status_code == 200, r.text
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    for key in models:
+        assert results[key] == ref[key]["long"], key
+    assert last_chunk["tenant-c"] > unloaded_at, "the tenant-c request had finished before the unload"
+
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="tenant-c", prompt=PROMPTS[0], max_tokens=2)
+    assert "tenant-c" not in {m.id for m in client.models.list().data}
+    assert unload(setup, "tenant-c").status_code == 404
+    # Loaded again under the same name: served again, with the same outputs.
+    assert load(setup, "tenant-c", setup["tenant_c"]).status_code == 200
+    assert complete(client, "tenant-c", PROMPTS[1])[1] == ref["tenant-c"]["completions"][1]
+    assert unload(setup, "tenant-c").status_code == 200
+
+
+def test_sigterm_stops_the_whole_process_group(setup):
+    proc = setup["proc"]
+    assert proc.poll() is None
+    t0 = time.monotonic()
+    assert stop_server(proc, timeout=60), "server or engine process still alive 60 s after SIGTERM"
+    assert not group_alive(proc.pid)
+    assert time.monotonic() - t0 < 60
+
+
+# -- no server needed -----------------------------------------------------------------
+def test_path_under_roots(tmp_path):
+    from vllm_pedro.vllm.serving import path_under_roots
+
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "outside", root / "link")
+    assert path_under_roots(str(root / "a"), [str(root)]) == os.path.realpath(root / "a")
+    assert path_under_roots(str(root / ".." / "outside"), [str(root)]) is None
+    assert path_under_roots(str(root / "link"), [str(root)]) is None
+    assert path_under_roots(str(tmp_path / "root2"), [str(root)]) is None  # a prefix is not a parent
+    assert path_under_roots(str(root / "a"), []) is None
+
+
+def test_serve_flags(tmp_path):
+    from vllm_pedro.vllm.cli_serve import apply_pedro_args, make_serve_parser
+
+    parser = make_serve_parser()
+    args = parser.parse_args(["m", "--enable-pedro", "--pedro-modules", "a=/x",
+                              '{"name": "b", "path": "/y", "base_model_name": "m"}', "--max-pedro-adapters", "3",
+                              "--pedro-targets", "q,v", "--additional-config", '{"other": 1}'])
+    pargs = apply_pedro_args(args, device="cpu")
+    assert [(m.name, m.path, m.base_model_name) for m in pargs.modules] == [("a", "/x", None), ("b", "/y", "m")]
+    assert args.model == "m" and args.enable_chunked_prefill is False
+    assert args.worker_cls.endswith("PedroCPUWorker")
+    assert args.additional_config["other"] == 1
+    assert args.additional_config["pedro"]["max_adapters"] == 3
+    assert args.additional_config["pedro"]["targets"] == ["q", "v"]
+    for bad in (["m", "--pedro-modules", "a=/x"],  # without --enable-pedro
+                ["m", "--enable-pedro", "--enable-chunked-prefill"],
+                ["m", "--enable-pedro", "--pedro-modules", "no-equals-sign"],
+                ["m", "--enable-pedro", "--pedro-targets", "k"]):
+        with pytest.raises(ValueError):
+            apply_pedro_args(parser.parse_args(bad), device="cpu")
+    assert apply_pedro_args(parser.parse_args(["m"]), device="cpu") is None
+
+
+def test_runtime_routes_only_when_allowed(monkeypatch):
+    from fastapi import FastAPI
+
+    from vllm_pedro.vllm.serving import PedroEndpoints
+
+    monkeypatch.delenv("VLLM_ALLOW_RUNTIME_PEDRO_UPDATING", raising=False)
+    app = FastAPI()
+    PedroEndpoints().attach_router(app)
+    assert not [r for r in app.routes if "pedro" in getattr(r, "path", "")]
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_PEDRO_UPDATING", "true")
+    PedroEndpoints().attach_router(app)
+    assert {r.path for r in app.routes if "pedro" in r.path} == {"/v1/load_pedro_adapter", "/v1/unload_pedro_adapter"}
