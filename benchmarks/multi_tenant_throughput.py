@@ -84,6 +84,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="how requests are spread over the tenants")
     p.add_argument("--repeats", type=int, default=1,
                    help="timed passes per assignment in each engine (interleaved over assignments)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole sweep this many times (fresh engines each time, methods interleaved); "
+                        "every pass of every round counts towards --stat")
     p.add_argument("--stat", choices=("best", "median"), default="best",
                    help="which of the repeats is reported: the fastest (robust to other load on a shared "
                         "machine) or the median; both are in the JSON")
@@ -302,42 +305,50 @@ def _run(args, assigns, work) -> int:
     prompts = make_prompts(vocab, args.num_prompts, args.input_len, args.seed)
     max_model_len = args.input_len + args.output_len + 8
 
+    collected: dict[tuple[str, int], list[dict]] = {}
+    for rnd in range(args.rounds):
+        for n in args.num_tenants:
+            n_warm = args.warmup_prompts or max(8, n)
+            warm = make_prompts(vocab, n_warm, args.input_len, args.seed + 1)
+            for method in args.methods:
+                spec = dict(method=method, num_tenants=n, model=model_dir, dtype=args.dtype, seed=args.seed,
+                            enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
+                            max_model_len=max_model_len, output_len=args.output_len, repeats=args.repeats,
+                            pedro_rank=args.pedro_rank, pedro_targets=args.pedro_targets, lora_rank=args.lora_rank,
+                            adapters=adapters.get(method, [])[:n], prompts=prompts, warmup_prompts=warm,
+                            warmup_tenants=[i % n for i in range(n_warm)],
+                            profile=args.profile if rnd == 0 else "none",
+                            assignments={a: assignment(a, args.num_prompts, n, args.seed) for a in assigns},
+                            result=os.path.join(work, f"result-{method}-{n}-{rnd}.json"))
+                res = _spawn(spec, work, args)
+                for p in res["passes"]:
+                    p.update(round=rnd, engine_init_s=res["engine_init_s"], warmup_s=res["warmup_s"])
+                    if res.get("profile"):
+                        p["profile"] = res["profile"]
+                collected.setdefault((method, n), []).extend(res["passes"])
+                print(f"[bench] round {rnd + 1}/{args.rounds} {method:5s} N={n:<3d} " + "  ".join(
+                    f"{p['assign']}: {p['output_tokens'] / p['elapsed_s']:.1f}" for p in res["passes"])
+                    + " out tok/s", flush=True)
+
     runs = []
-    for n in args.num_tenants:
-        n_warm = args.warmup_prompts or max(8, n)
-        warm = make_prompts(vocab, n_warm, args.input_len, args.seed + 1)
-        for method in args.methods:
-            spec = dict(method=method, num_tenants=n, model=model_dir, dtype=args.dtype, seed=args.seed,
-                        enforce_eager=args.enforce_eager, max_num_seqs=args.max_num_seqs,
-                        max_model_len=max_model_len, output_len=args.output_len, repeats=args.repeats,
-                        pedro_rank=args.pedro_rank, pedro_targets=args.pedro_targets, lora_rank=args.lora_rank,
-                        adapters=adapters.get(method, [])[:n], prompts=prompts, warmup_prompts=warm,
-                        warmup_tenants=[i % n for i in range(n_warm)], profile=args.profile,
-                        assignments={a: assignment(a, args.num_prompts, n, args.seed) for a in assigns},
-                        result=os.path.join(work, f"result-{method}-{n}.json"))
-            res = _spawn(spec, work, args)
-            for p in res["passes"]:
-                p.update(requests_per_s=p["num_requests"] / p["elapsed_s"],
-                         output_tokens_per_s=p["output_tokens"] / p["elapsed_s"],
-                         total_tokens_per_s=(p["prompt_tokens"] + p["output_tokens"]) / p["elapsed_s"])
-            for a in assigns:
-                ps = [p for p in res["passes"] if p["assign"] == a]
-                elapsed = [p["elapsed_s"] for p in ps]
-                t = min(elapsed) if args.stat == "best" else statistics.median(elapsed)
-                tok = ps[0]["prompt_tokens"] + ps[0]["output_tokens"]
-                runs.append(dict(method=method, num_tenants=n, assign=a, stat=args.stat, elapsed_s=t,
-                                 requests_per_s=ps[0]["num_requests"] / t,
-                                 output_tokens_per_s=ps[0]["output_tokens"] / t, total_tokens_per_s=tok / t,
-                                 median_output_tokens_per_s=ps[0]["output_tokens"] / statistics.median(elapsed),
-                                 num_requests=ps[0]["num_requests"],
-                                 prompt_tokens=ps[0]["prompt_tokens"], output_tokens=ps[0]["output_tokens"],
-                                 engine_init_s=res["engine_init_s"], warmup_s=res["warmup_s"], passes_s=elapsed))
-                if res.get("profile") and a == assigns[0]:
-                    runs[-1]["profile_top_ops"] = res["profile"]
-            last = [r for r in runs if r["method"] == method and r["num_tenants"] == n]
-            print(f"[bench] {method:5s} N={n:<3d} " + "  ".join(
-                f"{r['assign']}: {r['requests_per_s']:.2f} req/s {r['output_tokens_per_s']:.1f} out tok/s"
-                for r in last), flush=True)
+    for (method, n), passes in collected.items():
+        for a in assigns:
+            ps = [p for p in passes if p["assign"] == a]
+            elapsed = [p["elapsed_s"] for p in ps]
+            t = min(elapsed) if args.stat == "best" else statistics.median(elapsed)
+            p0 = ps[0]
+            tok = p0["prompt_tokens"] + p0["output_tokens"]
+            run = dict(method=method, num_tenants=n, assign=a, stat=args.stat, elapsed_s=t,
+                       requests_per_s=p0["num_requests"] / t, output_tokens_per_s=p0["output_tokens"] / t,
+                       total_tokens_per_s=tok / t,
+                       median_output_tokens_per_s=p0["output_tokens"] / statistics.median(elapsed),
+                       num_requests=p0["num_requests"], prompt_tokens=p0["prompt_tokens"],
+                       output_tokens=p0["output_tokens"], passes_s=elapsed,
+                       engine_init_s=[p["engine_init_s"] for p in ps if p["repeat"] == 0],
+                       warmup_s=[p["warmup_s"] for p in ps if p["repeat"] == 0])
+            if p0.get("profile") and a == assigns[0]:
+                run["profile_top_ops"] = p0["profile"]
+            runs.append(run)
 
     summary = summarize(runs, args.num_tenants, assigns)
     result = dict(
@@ -347,7 +358,8 @@ def _run(args, assigns, work) -> int:
                     output_len=args.output_len, num_tenants=args.num_tenants, methods=args.methods,
                     lora_rank=args.lora_rank, lora_targets=LORA_TARGETS[args.lora_targets],
                     pedro_rank=args.pedro_rank, pedro_targets=args.pedro_targets, max_num_seqs=args.max_num_seqs,
-                    dtype=args.dtype, seed=args.seed, assign=assigns, repeats=args.repeats, stat=args.stat,
+                    dtype=args.dtype, seed=args.seed, assign=assigns, repeats=args.repeats, rounds=args.rounds,
+                    stat=args.stat,
                     enforce_eager=args.enforce_eager, kv_cache_space_gib=args.kv_cache_space,
                     sampling="greedy, ignore_eos=True, max_tokens=output_len", prefix_caching=False,
                     chunked_prefill=False, model_shapes={k: hf_cfg.get(k) for k in (
@@ -360,8 +372,8 @@ def _run(args, assigns, work) -> int:
                "prompts (every adapter loaded) before timing",
                "chunked prefill and prefix caching are off for all three methods",
                "the bare model's passes are identical work for every assignment: their spread is the noise",
-               f"throughput = the {args.stat} of {args.repeats} timed pass(es) per assignment (passes_s lists "
-               "them all; median_output_tokens_per_s is the median)"],
+               f"throughput = the {args.stat} of {args.rounds} round(s) x {args.repeats} timed pass(es) per "
+               "assignment (passes_s lists them all; median_output_tokens_per_s is their median)"],
         runs=runs, summary=summary)
     print_table(result)
     if args.output_json:
@@ -376,7 +388,7 @@ def _run(args, assigns, work) -> int:
 
 
 def _spawn(spec: dict, work: str, args) -> dict:
-    path = os.path.join(work, f"spec-{spec['method']}-{spec['num_tenants']}.json")
+    path = spec["result"].replace("result-", "spec-")
     with open(path, "w") as f:
         json.dump(spec, f)
     env = dict(os.environ)
@@ -387,7 +399,7 @@ def _spawn(spec: dict, work: str, args) -> dict:
     pypath = [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(pypath)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", path]
-    log = os.path.join(work, f"log-{spec['method']}-{spec['num_tenants']}.txt")
+    log = spec["result"].replace("result-", "log-").replace(".json", ".txt")
     with open(log, "w") as logf:
         proc = subprocess.run(cmd, env=env, stdout=logf if args.quiet else None,
                               stderr=subprocess.STDOUT if args.quiet else None, timeout=args.run_timeout)

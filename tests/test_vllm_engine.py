@@ -196,3 +196,49 @@ def test_pedro_request_without_enable_pedro_is_refused(tiny_llama_dir, adapters)
     with pytest.raises(ValueError, match="enable_pedro"):
         llm.generate(["hi"], pedro_request=adapters[0])
     close(llm)
+
+
+def test_compiled_mode_matches_transformers(tiny_llama_dir, adapters):
+    """vLLM's default torch.compile mode: the PEDRO custom ops stay opaque to Dynamo."""
+    llm = make_llm(tiny_llama_dir, enforce_eager=False)
+    assert llm.llm_engine.vllm_config.compilation_config.mode != 0
+    check_parity(llm, tiny_llama_dir, PROMPTS[:5], [adapters[0], None, adapters[1], adapters[2], adapters[0]])
+    close(llm)
+
+
+TP_DRIVER = r"""
+import json, sys
+from vllm import SamplingParams
+from vllm_pedro import LLM, PedroRequest
+if __name__ == "__main__":
+    model, prompts, reqs, n = json.loads(sys.argv[1])
+    llm = LLM(model, enable_pedro=True, dtype="float32", enforce_eager=True, max_model_len=256,
+              max_num_seqs=8, seed=0, tensor_parallel_size=2)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+                        pedro_request=[PedroRequest(*r) if r else None for r in reqs], use_tqdm=False)
+    print("TOKENS=" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallelism on the CPU needs one core per rank")
+def test_tensor_parallel_2_matches_transformers(tiny_llama_dir, adapters, tmp_path):
+    """TP=2 through vLLM's multiprocessing executor: each rank holds its shard of the
+    slots and of W_up, exactly like the column-parallel q/v/up shards."""
+    import json
+    import subprocess
+    import sys
+
+    prompts = PROMPTS[:5]
+    reqs = [adapters[0], None, adapters[1], adapters[2], adapters[3]]
+    script = tmp_path / "tp_driver.py"
+    script.write_text(TP_DRIVER)
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    arg = json.dumps([tiny_llama_dir, prompts, [[r.name, r.int_id, r.path] if r else None for r in reqs],
+                      MAX_TOKENS])
+    proc = subprocess.run([sys.executable, str(script), arg], env=env, capture_output=True, text=True,
+                          timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("TOKENS=")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[0][len("TOKENS="):])
+    for p, r, g in zip(prompts, reqs, got):
+        assert g == expected(tiny_llama_dir, p, r), f"TP=2 tenant {r and r.name}"

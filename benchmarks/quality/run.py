@@ -320,47 +320,61 @@ def run_study(args) -> dict:
                              "variant": v, "seed": seed,
                              "json": os.path.join(out_dir, "runs", spec.slug, v["variant"], f"{tag}.json"),
                              "adapter": os.path.join(work, "adapters", spec.slug, v["variant"], tag)})
-    todo = [r for r in runs if args.overwrite or not os.path.isfile(r["json"])]
+    def complete(r):
+        if not os.path.isfile(r["json"]):
+            return False
+        with open(r["json"]) as f:
+            return json.load(f).get("complete", False)
+
+    todo = [r for r in runs if args.overwrite or not complete(r)]
     log(f"{len(runs)} runs, {len(todo)} to do")
 
+    # Phase 1, run by run: train (or reuse a finished adapter), transformers eval, save.
     for i, r in enumerate(todo):
-        v = r["variant"]
-        r["result"] = {"task": r["task"], "variant": v["variant"], "method": v["method"], "seed": r["seed"],
-                       "model": model_dir, "variant_config": v, "data": {k: r["meta"][k] for k in
-                                                                         ("counts", "seed", "source_sha256")}}
+        v, spec = r["variant"], r["spec"]
+        res = r["result"] = {"task": r["task"], "variant": v["variant"], "method": v["method"], "seed": r["seed"],
+                             "model": model_dir, "variant_config": v, "complete": False,
+                             "data": {k: r["meta"][k] for k in ("counts", "seed", "source_sha256")},
+                             "args": {k: x for k, x in vars(args).items()}}
         if v["trained"]:
-            log(f"train [{i + 1}/{len(todo)}] {r['task']} {v['variant']} seed {r['seed']}")
-            m = train_one(args, model_dir, r["meta"], v, r["seed"], r["adapter"])
-            r["result"]["train"] = {k: m[k] for k in ("steps", "best_dev_loss", "best_step", "initial_dev_loss",
-                                                      "final_train_loss", "trainable_params", "wall_time_s",
-                                                      "stopped_early")}
-            r["result"]["train"]["lr"] = m["args"]["lr"]
-            r["result"]["trainable_params"] = m["trainable_params"]
+            metrics_path = os.path.join(r["adapter"], "train_metrics.json")
+            if os.path.isfile(metrics_path) and not args.overwrite:
+                with open(metrics_path) as f:
+                    m = json.load(f)
+                log(f"reuse adapter [{i + 1}/{len(todo)}] {r['adapter']}")
+            else:
+                log(f"train [{i + 1}/{len(todo)}] {r['task']} {v['variant']} seed {r['seed']}")
+                m = train_one(args, model_dir, r["meta"], v, r["seed"], r["adapter"])
+            res["train"] = {k: m[k] for k in ("steps", "best_dev_loss", "best_step", "initial_dev_loss",
+                                              "final_train_loss", "trainable_params", "wall_time_s",
+                                              "stopped_early", "train_examples")}
+            res["train"]["lr"] = m["args"]["lr"]
+            res["trainable_params"] = m["trainable_params"]
             if v["params_formula"] is not None and m["trainable_params"] != v["params_formula"]:
                 raise RuntimeError(f"{v['variant']}: trainable parameters {m['trainable_params']} differ from "
                                    f"the formula's {v['params_formula']}")
         else:
-            r["result"]["trainable_params"] = 0
-
-    for r in todo:
-        v, spec = r["variant"], r["spec"]
+            res["trainable_params"] = 0
         t = time.perf_counter()
         hf_bs = args.pedro_hf_batch_size if v["method"] == "pedro" else args.hf_batch_size
         ids = hf_generate(model_dir, v["method"], r["adapter"] if v["trained"] else None, r["pids"],
                           spec.max_new_tokens, hf_bs, args.dtype)
-        r["hf_ids"] = ids
         texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-        r["result"]["scores_hf"] = tasks.score(r["task"], texts, r["test"])
-        r["result"]["eval_hf_s"] = time.perf_counter() - t
-        r["result"]["predictions_hf"] = texts[:args.keep_predictions]
-        log(f"eval hf {r['task']} {v['variant']} seed {r['seed']}: {r['result']['scores_hf']}")
+        res["hf_token_ids"] = ids
+        res["scores_hf"] = tasks.score(r["task"], texts, r["test"])
+        res["eval_hf_s"] = time.perf_counter() - t
+        res["predictions_hf"] = texts[:args.keep_predictions]
+        needs_vllm = v["method"] in ("pedro", "base") and not args.no_vllm
+        if not needs_vllm:
+            res["complete"] = True
+            if v["method"] in ("pedro", "base"):
+                res["scores_vllm"], res["vllm_skipped"] = None, "--no-vllm"
+        write_json(r["json"], res)
+        log(f"eval hf {r['task']} {v['variant']} seed {r['seed']}: {res['scores_hf']}")
 
-    vllm_todo = [r for r in todo if r["variant"]["method"] in ("pedro", "base")]
-    if args.no_vllm:
-        for r in vllm_todo:
-            r["result"]["scores_vllm"] = None
-            r["result"]["vllm_skipped"] = "--no-vllm"
-    elif vllm_todo:
+    # Phase 2: one vLLM engine (with PEDRO) decodes every PEDRO adapter's and the base's tests.
+    vllm_todo = [r for r in todo if not r["result"]["complete"]]
+    if vllm_todo:
         max_rank = max([r["variant"].get("r", 1) for r in vllm_todo])
         longest = max(len(p) for r in vllm_todo for p in r["pids"])
         max_len = max(r["spec"].max_new_tokens for r in vllm_todo) + longest + 8
@@ -369,28 +383,28 @@ def run_study(args) -> dict:
         log(f"vLLM engine up in {time.perf_counter() - t:.1f}s")
         try:
             for r in vllm_todo:
-                v, spec = r["variant"], r["spec"]
+                v, spec, res = r["variant"], r["spec"], r["result"]
                 t = time.perf_counter()
                 ids = ev.generate(r["pids"], spec.max_new_tokens, eos, r["adapter"] if v["trained"] else None,
                                   name=v["variant"])
                 texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-                res = r["result"]
                 res["scores_vllm"] = tasks.score(r["task"], texts, r["test"])
                 res["eval_vllm_s"] = time.perf_counter() - t
                 res["predictions_vllm"] = texts[:args.keep_predictions]
-                same = [a == b for a, b in zip(ids, r["hf_ids"])]
+                hf_ids = res["hf_token_ids"]
+                same = [a == b for a, b in zip(ids, hf_ids)]
                 res["vllm_hf_agreement"] = {
                     "n": len(same), "identical": sum(same), "rate": sum(same) / max(1, len(same)),
-                    "mismatches": [{"index": i, "hf": r["hf_ids"][i], "vllm": ids[i]}
+                    "mismatches": [{"index": i, "hf": hf_ids[i], "vllm": ids[i]}
                                    for i, s in enumerate(same) if not s][:5]}
-                log(f"eval vllm {r['task']} {v['variant']} seed {r['seed']}: {res['scores_vllm']} "
-                    f"(identical to transformers on {sum(same)}/{len(same)})")
+                res["complete"] = True
+                write_json(r["json"], res)
+                msg = (f"eval vllm {r['task']} {v['variant']} seed {r['seed']}: {res['scores_vllm']} "
+                       f"(identical to transformers on {sum(same)}/{len(same)})")
+                log(msg if all(same) else "WARNING: vLLM and transformers disagree: " + msg)
         finally:
             ev.close()
 
-    for r in todo:
-        r["result"]["args"] = {k: v for k, v in vars(args).items() if k != "func"}
-        write_json(r["json"], r["result"])
     summary = summarize(out_dir, [r["json"] for r in runs], variants, args, model_dir, shapes)
     summary["wall_time_s"] = time.perf_counter() - t0
     write_json(os.path.join(out_dir, "summary.json"), summary)
@@ -399,19 +413,14 @@ def run_study(args) -> dict:
 
 
 def resolve_model(name: str) -> str:
-    """A local model directory, or a name vllm_pedro.models knows how to fetch (when
-    that module exists)."""
+    """A local model directory, or a model name vllm_pedro.models fetches (e.g. smollm2-135m)."""
     if os.path.isdir(name):
         return name
     try:
-        from vllm_pedro import models  # written separately; its API may still change
+        from vllm_pedro import models
     except ImportError as e:
         raise SystemExit(f"--model {name!r} is not a directory and vllm_pedro.models is not available ({e})")
-    for fn in ("get_model", "fetch_model", "prepare_model", "ensure_model", "smollm2_135m"):
-        f = getattr(models, fn, None)
-        if callable(f):
-            return str(f(name)) if fn != "smollm2_135m" else str(f())
-    raise SystemExit(f"--model {name!r} is not a directory, and vllm_pedro.models has no known fetch function")
+    return str(models.resolve_model(name))
 
 
 def _stats(vals):
@@ -424,7 +433,11 @@ def _stats(vals):
 def summarize(out_dir, json_paths, variants, args, model_dir, shapes) -> dict:
     from vllm_pedro import tasks
 
-    results = [json.load(open(p)) for p in json_paths if os.path.isfile(p)]
+    results = []
+    for p in json_paths:
+        if os.path.isfile(p):
+            with open(p) as f:
+                results.append(json.load(f))
     order = [v["variant"] for v in variants]
     rows = []
     for task_name in dict.fromkeys(r["task"] for r in results):
@@ -444,6 +457,7 @@ def summarize(out_dir, json_paths, variants, args, model_dir, shapes) -> dict:
             ag = [r["vllm_hf_agreement"] for r in rs if r.get("vllm_hf_agreement")]
             if ag:
                 row["agreement"] = {"identical": sum(a["identical"] for a in ag), "n": sum(a["n"] for a in ag)}
+            row["complete"] = all(r.get("complete") for r in rs)
             row["best_dev_loss"] = _stats([(r.get("train") or {}).get("best_dev_loss") for r in rs])
             row["train_s"] = _stats([(r.get("train") or {}).get("wall_time_s") for r in rs])
             rows.append(row)

@@ -11,6 +11,7 @@ metadata of "vllm"; see ENVIRONMENT.md.)"""
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 
@@ -34,10 +35,14 @@ example:
       --pedro-modules tenant-a=adapters/a tenant-b=adapters/b --max-pedro-adapters 8
 """
 
-PEDRO_FLAGS = ("pedro_modules", "max_pedro_adapters", "max_pedro_rank", "pedro_targets", "pedro_allowed_roots")
+logger = logging.getLogger("vllm_pedro")
 
 
 def add_pedro_cli_args(parser) -> None:
+    """The PEDRO option group; a no-op on a parser that has it (the general plugin adds
+    it to every parser built from vLLM's engine arguments, patches.py)."""
+    if "--enable-pedro" in parser._option_string_actions:
+        return
     d = PedroArgs()
     g = parser.add_argument_group("PEDRO", "PEDRO prompt-dependent adapters (vllm-pedro).")
     g.add_argument("--enable-pedro", action="store_true", default=False,
@@ -73,7 +78,10 @@ def make_serve_parser():
 
 def apply_pedro_args(args: argparse.Namespace, device: str | None = None) -> PedroArgs | None:
     """Check the PEDRO flags and turn them into vLLM engine arguments on `args` (which
-    AsyncEngineArgs.from_cli_args then reads). Raises ValueError on bad flags."""
+    AsyncEngineArgs.from_cli_args then reads). Raises ValueError on bad flags. Applying
+    it twice changes nothing."""
+    if getattr(args, "_pedro_args", None) is not None:
+        return args._pedro_args
     if getattr(args, "model_tag", None) is not None:
         args.model = args.model_tag
     if not args.enable_pedro:
@@ -103,7 +111,33 @@ def apply_pedro_args(args: argparse.Namespace, device: str | None = None) -> Ped
     args.worker_cls = extra["worker_cls"]
     args.enable_chunked_prefill = extra["enable_chunked_prefill"]
     args.additional_config = {**(args.additional_config or {}), **extra["additional_config"]}
+    args._pedro_args = pargs
     return pargs
+
+
+def check_modules_early(args: argparse.Namespace, pargs: PedroArgs) -> None:
+    """Check the --pedro-modules against the model's config before the engine starts (a
+    minute on a small CPU machine), so that a bad adapter fails fast. The server checks
+    them again once the engine is up."""
+    from ..config import AdapterError
+    from .offline import AdapterValidator, PedroRequest
+
+    if not pargs.modules:
+        return
+    try:
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(args.model, revision=getattr(args, "revision", None),
+                                               trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
+    except Exception as e:  # noqa: BLE001  (the engine reads the config its own way)
+        logger.debug("PEDRO: no early adapter check (%s)", e)
+        return
+    validator = AdapterValidator(hf_config, pargs)
+    for i, m in enumerate(pargs.modules, 1):
+        try:
+            validator.check(PedroRequest(m.name, i, m.path))
+        except (AdapterError, OSError) as e:
+            raise ValueError(f"--pedro-modules {m.name}={m.path}: {e}") from e
 
 
 async def run_server(args: argparse.Namespace, **uvicorn_kwargs) -> None:
@@ -135,16 +169,20 @@ async def run_server(args: argparse.Namespace, **uvicorn_kwargs) -> None:
     if args.reasoning_parser_plugin and len(args.reasoning_parser_plugin) > 3:
         ReasoningParserManager.import_reasoning_parser(args.reasoning_parser_plugin)
 
-    pedro = PedroEndpoints()
     async with build_async_engine_client(args) as engine_client:
         log_config = get_uvicorn_log_config(args)
         if log_config is not None:
             uvicorn_kwargs["log_config"] = log_config
         supported_tasks = await engine_client.get_supported_tasks()
         app = build_app(args, supported_tasks, engine_client.model_config)
-        pedro.attach_router(app)
+        # Unless vLLM loaded it already as an endpoint plugin (entry point + VLLM_PLUGINS).
+        loaded = any(isinstance(p, PedroEndpoints) for p in getattr(app.state, "endpoint_plugins", []))
+        pedro = None if loaded else PedroEndpoints()
+        if pedro is not None:
+            pedro.attach_router(app)
         await init_app_state(engine_client, app.state, args, supported_tasks)
-        await pedro.init_state(engine_client, app.state, args)
+        if pedro is not None:
+            await pedro.init_state(engine_client, app.state, args)
         shutdown_task = await serve_http(
             app, sock=sock, enable_ssl_refresh=args.enable_ssl_refresh, host=args.host, port=args.port,
             log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
@@ -165,7 +203,9 @@ def serve(args: argparse.Namespace) -> int:
     from vllm.logger import configure_logging_from_args
 
     cli_env_setup()
-    apply_pedro_args(args)
+    pargs = apply_pedro_args(args)
+    if pargs is not None:
+        check_modules_early(args, pargs)
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     uvloop.run(run_server(args))

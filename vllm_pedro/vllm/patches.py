@@ -62,7 +62,43 @@ def patch_async_llm_pedro_requests() -> None:
     AsyncLLM.add_request = add_request
 
 
-PATCHES = {"llm_alias": patch_llm_alias, "async_llm_pedro_requests": patch_async_llm_pedro_requests}
+def patch_engine_args_pedro_flags() -> None:
+    """vLLM 0.32.x (EngineArgs.add_cli_args / from_cli_args of vllm/engine/arg_utils.py,
+    0.32.0): the PEDRO flags (--enable-pedro, --pedro-modules, ...) in every parser vLLM
+    builds from its engine arguments (`vllm serve`, `python -m
+    vllm.entrypoints.openai.api_server`, `vllm-pedro serve`); general plugins are loaded
+    before those parsers are built. from_cli_args copies only dataclass fields, so with
+    --enable-pedro the flags are first turned into engine arguments (worker_cls,
+    enable_chunked_prefill=False, additional_config["pedro"]) by
+    cli_serve.apply_pedro_args."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs.add_cli_args, "_pedro_wrapped", False):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args(parser, *args, **kwargs):
+        from .cli_serve import add_pedro_cli_args
+
+        parser = original_add(parser, *args, **kwargs)
+        add_pedro_cli_args(parser)
+        return parser
+
+    def from_cli_args(cls, args):
+        if getattr(args, "enable_pedro", False):
+            from .cli_serve import apply_pedro_args
+
+            apply_pedro_args(args)
+        return original_from(cls, args)
+
+    add_cli_args._pedro_wrapped = True
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+
+
+PATCHES = {"llm_alias": patch_llm_alias, "async_llm_pedro_requests": patch_async_llm_pedro_requests,
+           "engine_args_pedro_flags": patch_engine_args_pedro_flags}
 
 
 def apply_all() -> None:
