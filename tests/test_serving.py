@@ -327,3 +327,32 @@ def test_runtime_routes_only_when_allowed(monkeypatch):
     monkeypatch.setenv("VLLM_ALLOW_RUNTIME_PEDRO_UPDATING", "true")
     PedroEndpoints().attach_router(app)
     assert {r.path for r in app.routes if "pedro" in r.path} == {"/v1/load_pedro_adapter", "/v1/unload_pedro_adapter"}
+
+
+def test_vllm_parsers_get_the_pedro_flags():
+    """The general plugin adds the flags to vLLM's own parser (`vllm serve`, `python -m
+    vllm.entrypoints.openai.api_server`) and carries them into the engine arguments."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.plugins import load_general_plugins
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    load_general_plugins()
+    parser = make_arg_parser(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", "m", "--enable-pedro", "--pedro-modules", "a=/x", "--max-pedro-rank", "8"])
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.additional_config["pedro"]["max_rank"] == 8
+    assert engine_args.additional_config["pedro"]["modules"][0]["name"] == "a"
+    assert engine_args.enable_chunked_prefill is False and engine_args.worker_cls.endswith("PedroCPUWorker")
+    plain = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"]))
+    assert "pedro" not in (plain.additional_config or {})
+
+
+def test_bad_static_adapter_fails_before_the_engine_starts(setup):
+    from vllm_pedro.vllm.cli_serve import apply_pedro_args, check_modules_early, make_serve_parser
+
+    args = make_serve_parser().parse_args([setup["model"], "--enable-pedro", "--pedro-modules",
+                                           f"a={setup['adapters']['tenant-a']}",
+                                           f"bad={setup['root'] / 'other-base'}"])
+    with pytest.raises(ValueError, match="bad=.*another base model"):
+        check_modules_early(args, apply_pedro_args(args, device="cpu"))

@@ -242,3 +242,20 @@ def test_tensor_parallel_2_matches_transformers(tiny_llama_dir, adapters, tmp_pa
     got = json.loads(lines[0][len("TOKENS="):])
     for p, r, g in zip(prompts, reqs, got):
         assert g == expected(tiny_llama_dir, p, r), f"TP=2 tenant {r and r.name}"
+
+
+def test_slots_are_paid_from_the_kv_budget(tiny_llama_dir):
+    kw = dict(dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=256)
+    llm = LLM(tiny_llama_dir, **kw)
+    cache = llm.llm_engine.vllm_config.cache_config
+    budget, base_blocks = cache.kv_cache_memory_bytes, cache.num_gpu_blocks  # VLLM_CPU_KVCACHE_SPACE
+    close(llm)
+    llm = LLM(tiny_llama_dir, enable_pedro=True, **kw)
+    pedro_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+    rt = runtime()
+    # [layers, max_num_seqs, d_q + d_v + d_ff] in the model dtype
+    assert rt.slots.vectors.shape == (2, 256, 128 + 64 + 192)
+    block_bytes = budget // base_blocks
+    assert budget % base_blocks == 0 and block_bytes == 2 * 2 * cache.block_size * 64 * 4  # layers, K and V
+    assert pedro_blocks == (budget - rt.nbytes) // block_bytes < base_blocks
+    close(llm)

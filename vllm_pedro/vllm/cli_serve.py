@@ -28,7 +28,7 @@ With VLLM_ALLOW_RUNTIME_PEDRO_UPDATING=1, POST /v1/load_pedro_adapter
 load and unload adapters at run time, only from directories under --pedro-allowed-roots.
 
 Every `vllm serve` option works; `--help=PEDRO` shows the PEDRO options, `--help=all`
-every option. Give the model first.
+every option.
 
 example:
   vllm-pedro serve ./Qwen2.5-0.5B --enable-pedro \\
