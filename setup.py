@@ -52,6 +52,8 @@ setup(
     entry_points={
         "console_scripts": ["vllm-pedro=vllm_pedro.cli:main"],
         "vllm.general_plugins": ["pedro=vllm_pedro.vllm.plugin:register"],
+        # Lets vLLM's own server (VLLM_PLUGINS=pedro) add the PEDRO routes.
+        "vllm.endpoint_plugins": ["pedro=vllm_pedro.vllm.serving:PedroEndpoints"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -146,12 +146,16 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         print(f"[demo] building the tiny model and {len(DEMO_TENANTS)} adapters in {workdir}", flush=True)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         model, adapters = build_demo(workdir)
+        base = "tiny-llama"
         port = args.port or free_port()
         log = open(args.server_log, "w") if args.server_log else None
         env = server_env()
         print(f"[demo] starting vllm-pedro serve on 127.0.0.1:{port}", flush=True)
-        proc = start_server(model, adapters, port, env=env, log_file=log)
+        proc = start_server(model, adapters, port, extra_args=["--served-model-name", base], env=env, log_file=log)
         try:
             wait_ready(proc, port)
             print(f"[demo] server ready after {time.monotonic() - t0:.1f} s", flush=True)
@@ -162,12 +166,11 @@ def run_demo(args: argparse.Namespace) -> int:
                 f"{m.id}" + (f" (parent {m.parent})" if getattr(m, "parent", None) else "")
                 for m in client.models.list().data))
             outs = {}
-            for name in [model, *adapters]:
+            for name in [base, *adapters]:
                 r = client.completions.create(model=name, prompt=args.prompt, max_tokens=args.max_tokens,
                                               temperature=0)
                 outs[name] = r.choices[0].text
-                label = "base" if name == model else name
-                print(f"[demo] {label:>8} (model={r.model!r}): {args.prompt!r} -> {r.choices[0].text!r}")
+                print(f"[demo] model={r.model!r:>12}: {args.prompt!r} -> {r.choices[0].text!r}")
             distinct = len(set(outs.values()))
             print(f"[demo] {distinct} distinct completions from {len(outs)} models")
         finally:

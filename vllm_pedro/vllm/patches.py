@@ -32,6 +32,7 @@ def patch_async_llm_pedro_requests() -> None:
     when prefix caching is on, and no LoRA request. Other requests pass unchanged."""
     import inspect
 
+    from vllm import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
     original = AsyncLLM.add_request
@@ -48,6 +49,8 @@ def patch_async_llm_pedro_requests() -> None:
         if is_pedro(lora):
             req = lora.pedro_request()
             prompt = bound.arguments["prompt"]
+            if not isinstance(bound.arguments["params"], SamplingParams):
+                raise ValueError(f"PEDRO adapter {req.name!r}: PEDRO adapters serve text generation only")
             if not isinstance(prompt, (str, dict)):
                 raise ValueError(f"PEDRO adapter {req.name!r}: {type(prompt).__name__} prompts are not "
                                  "supported (rendered token or text prompts only)")

@@ -15,8 +15,10 @@ takes a PEDRO adapter the same way, with vLLM's own errors and responses:
   VLLM_ALLOW_RUNTIME_PEDRO_UPDATING is true, and load only from directories under
   --pedro-allowed-roots.
 
-`PedroEndpoints` has the shape of a `vllm.endpoint_plugins` plugin (attach_router /
-init_state); `vllm-pedro serve` (cli_serve.py) calls it directly.
+`PedroEndpoints` is a `vllm.endpoint_plugins` plugin (attach_router / init_state):
+`vllm-pedro serve` (cli_serve.py) calls it directly; vLLM's own server loads it when the
+entry point `pedro = vllm_pedro.vllm.serving:PedroEndpoints` is registered in that group
+and VLLM_PLUGINS names "pedro".
 """
 
 from __future__ import annotations
