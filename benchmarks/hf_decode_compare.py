@@ -200,7 +200,9 @@ class LoraHooks:
         def hook(module, args, out):
             x = args[0].reshape(-1, args[0].shape[-1])  # [tokens, in]
             idx = self.token_idx
-            delta = torch.bmm(torch.bmm(x.unsqueeze(1), A[idx]), B[idx]).squeeze(1)  # [tokens, out]
+            # Chunked so a long prefill does not gather [tokens, in, r] all at once (decode: one chunk).
+            delta = torch.cat([torch.bmm(torch.bmm(x[s:s + 1024].unsqueeze(1), A[idx[s:s + 1024]]),
+                                         B[idx[s:s + 1024]]).squeeze(1) for s in range(0, x.shape[0], 1024)])
             return out + (self.scaling * delta).view(out.shape).to(out.dtype)
         return hook
 

@@ -3,7 +3,8 @@
 
 Shaped like `vllm bench throughput` (random token prompts of --input-len, ignore_eos and
 max_tokens=--output-len, so every request does the same work). For each tenant count N
-of --num-tenants it runs, each in a fresh engine in its own subprocess:
+of --num-tenants it runs, each in a fresh engine in its own subprocess (--in-process: one
+after another in this process, for quick checks):
 
   bare   the model alone (stock vLLM, no adapter on any request);
   pedro  vllm_pedro.LLM(enable_pedro=True), N distinct random PEDRO adapters;
@@ -15,11 +16,20 @@ PEDRO and LoRA request carries an adapter. That is deliberate for LoRA: in vllm-
 0.32.0, base-model requests batched with LoRA requests get the last LoRA slot applied
 (torch bgmv ops index with -1; upstream vLLM PR #48421), so mixing base requests into a
 LoRA run would be wrong. Each engine is warmed up (every adapter of the run loaded, every
-code path taken) on separate prompts before timing; then one timed pass per assignment
-(and per --repeats). All three methods run with the same scheduler settings: chunked
-prefill off (PEDRO needs every prompt prefilled in one step) and prefix caching off (so a
-second pass over the same prompts cannot reuse cached KV). The bare model's passes are
-identical work whatever the assignment, so their spread shows the measurement noise.
+code path taken) on other prompts of the timed batch's shape; then one timed pass per
+assignment (x --repeats; --rounds repeats the whole sweep, fresh engines, methods
+interleaved); the best (or median, --stat) pass is reported. All three methods run with
+the same scheduler settings: chunked prefill off (PEDRO needs every prompt prefilled in
+one step) and prefix caching off (so a second pass over the same prompts cannot reuse
+cached KV). The bare model's passes are identical work whatever the assignment, so their
+spread shows the measurement noise.
+
+Besides wall-clock throughput, each pass records the CPU seconds of the engine's process
+(the engine runs in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0): on a shared machine,
+output tokens per CPU-second is far less disturbed by other load than tokens/s, and the
+*_cpu ratios are the ones to trust there. --profile py-spy samples every run and reports
+where the timed passes spend their time (PEDRO prefill generator, PEDRO gather-scale ops,
+base model forward, LoRA ops, scheduler, sampler, ...).
 
     python benchmarks/multi_tenant_throughput.py --num-prompts 64 --input-len 64 \\
         --output-len 32 --num-tenants 1 4 16 --output-json out.json --plot out.png
@@ -91,7 +101,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="which of the repeats is reported: the fastest (robust to other load on a shared "
                         "machine) or the median; both are in the JSON")
     p.add_argument("--warmup-prompts", type=int, default=None,
-                   help="warm-up requests (default: max(8, tenants), every tenant at least once)")
+                   help="warm-up requests (default: --num-prompts, or the tenant count if larger; every tenant "
+                        "at least once), each with min(8, --output-len) output tokens")
     p.add_argument("--output-json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="draw throughput vs tenants to this PNG")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM enforce_eager (no graphs / compile)")
@@ -99,10 +110,17 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="VLLM_CPU_KVCACHE_SPACE (GiB) for each engine (CPU)")
     p.add_argument("--run-timeout", type=float, default=900, help="seconds before a run's subprocess is killed")
     p.add_argument("--work-dir", default=None, help="where adapters are written (default: a temporary folder)")
-    p.add_argument("--profile", choices=("none", "torch"), default="none",
-                   help="torch: torch.profiler over one timed pass of each PEDRO/LoRA run; top ops go "
-                        "into the JSON")
+    p.add_argument("--profile", choices=("none", "py-spy", "torch"), default="none",
+                   help="py-spy: sample every run's process (py-spy on PATH or --py-spy) and put where the "
+                        "timed passes spend their time (PEDRO prefill generator, PEDRO gather-scale ops, base "
+                        "model forward, LoRA ops, scheduler, ...) into the JSON; torch: torch.profiler over "
+                        "one extra pass of each PEDRO/LoRA run, top ops into the JSON")
+    p.add_argument("--py-spy", default=None, help="the py-spy executable (default: found on PATH)")
+    p.add_argument("--py-spy-rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--quiet", action="store_true", help="keep the engines' logs out of the terminal")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the engines one after another in this process instead of a fresh subprocess "
+                        "each (saves vLLM's import per run; for quick checks and tests, less isolated)")
 
 
 # ---- preparation (parent process) -------------------------------------------------------
@@ -223,13 +241,11 @@ def run_worker(spec_path: str) -> None:
     passes = []
     for rep in range(spec["repeats"]):
         for assign, tenants in spec["assignments"].items():
-            t0 = time.perf_counter()
-            outs = call(spec["prompts"], tenants, spec["output_len"])
-            elapsed = time.perf_counter() - t0
+            outs, elapsed, cpu = _timed_pass(call, spec["prompts"], tenants, spec["output_len"])
             _check_outputs(outs, len(spec["prompts"]), spec["output_len"])
             p_tok = sum(len(o.prompt_token_ids) for o in outs)
             o_tok = sum(len(o.outputs[0].token_ids) for o in outs)
-            passes.append(dict(assign=assign, repeat=rep, elapsed_s=elapsed, num_requests=len(outs),
+            passes.append(dict(assign=assign, repeat=rep, elapsed_s=elapsed, cpu_s=cpu, num_requests=len(outs),
                                prompt_tokens=p_tok, output_tokens=o_tok))
     profile = None
     if spec.get("profile") == "torch" and method != "bare":
@@ -239,6 +255,77 @@ def run_worker(spec_path: str) -> None:
                   profile=profile)
     with open(spec["result"], "w") as f:
         json.dump(result, f)
+    llm.llm_engine.engine_core.shutdown()  # matters with --in-process: the next engine starts clean
+    del llm
+    import gc
+    gc.collect()
+
+
+def _timed_pass(call, prompts, tenants, output_len):
+    # A named frame: --profile py-spy counts only the samples under it.
+    # CPU seconds of this process as well as wall seconds: with the engine in-process
+    # (VLLM_ENABLE_V1_MULTIPROCESSING=0) they count the engine's work, not the time spent
+    # waiting for a core that other load on a shared machine holds.
+    t0, c0 = time.perf_counter(), time.process_time()
+    outs = call(prompts, tenants, output_len)
+    return outs, time.perf_counter() - t0, time.process_time() - c0
+
+
+# Where a py-spy sample's time goes: the innermost frame of vllm_pedro or vllm decides.
+PROFILE_CATEGORIES = (
+    "PEDRO prefill: generator", "PEDRO prefill: adapter cache", "PEDRO gather-scale ops",
+    "PEDRO step prep (token->slot map)", "PEDRO front end (offline.py)", "PEDRO other",
+    "base model forward", "LoRA ops and layers", "scheduler", "sampler", "runner input prep",
+    "vLLM engine / other")
+
+
+def _classify(frames: list[str]) -> str:
+    import re
+    for f in reversed(frames):
+        m = re.match(r"(.*) \((.*?):\d+\)$", f)
+        if not m:
+            continue
+        fn, file = m.groups()
+        file = file.replace(os.sep, "/")
+        if "vllm_pedro/" in file:
+            if file.endswith("generator.py") or "compute_vectors" in fn:
+                return "PEDRO prefill: generator"
+            if file.endswith("adapters.py") or file.endswith("adapter_io.py"):
+                return "PEDRO prefill: adapter cache"
+            if "/ops/" in file or fn in ("pedro_qkv", "pedro_up"):
+                return "PEDRO gather-scale ops"
+            if file.endswith("runner.py") and fn.startswith("PedroRuntime"):
+                return "PEDRO step prep (token->slot map)"
+            if file.endswith("offline.py"):
+                return "PEDRO front end (offline.py)"
+            return "PEDRO other"
+        if file.startswith("vllm/") or "/vllm/" in file:
+            if "lora" in file:
+                return "LoRA ops and layers"
+            if any(k in file for k in ("model_executor", "_custom_ops", "attention", "vllm/ir/")):
+                return "base model forward"
+            if "sched" in file:
+                return "scheduler"
+            if "sample" in file:
+                return "sampler"
+            if "v1/worker" in file or "cpu_triton_utils" in file:
+                return "runner input prep"
+            return "vLLM engine / other"
+    return "vLLM engine / other"
+
+
+def pyspy_breakdown(raw_path: str) -> dict:
+    """Share of the timed passes' samples per category, from py-spy's raw (collapsed) output."""
+    counts = {c: 0 for c in PROFILE_CATEGORIES}
+    total = 0
+    with open(raw_path) as f:
+        for line in f:
+            stack, _, n = line.rstrip("\n").rpartition(" ")
+            if "_timed_pass (" not in stack or not n.isdigit():
+                continue
+            counts[_classify(stack.split(";"))] += int(n)
+            total += int(n)
+    return dict(samples=total, share={c: round(v / total, 4) for c, v in counts.items() if v} if total else {})
 
 
 def _check_outputs(outs, n: int, output_len: int) -> None:
@@ -308,7 +395,7 @@ def _run(args, assigns, work) -> int:
     collected: dict[tuple[str, int], list[dict]] = {}
     for rnd in range(args.rounds):
         for n in args.num_tenants:
-            n_warm = args.warmup_prompts or max(8, n)
+            n_warm = args.warmup_prompts or max(args.num_prompts, n)  # the timed batch's shapes
             warm = make_prompts(vocab, n_warm, args.input_len, args.seed + 1)
             for method in args.methods:
                 spec = dict(method=method, num_tenants=n, model=model_dir, dtype=args.dtype, seed=args.seed,
@@ -325,6 +412,8 @@ def _run(args, assigns, work) -> int:
                     p.update(round=rnd, engine_init_s=res["engine_init_s"], warmup_s=res["warmup_s"])
                     if res.get("profile"):
                         p["profile"] = res["profile"]
+                    if res.get("pyspy"):
+                        p["pyspy"] = res["pyspy"]
                 collected.setdefault((method, n), []).extend(res["passes"])
                 print(f"[bench] round {rnd + 1}/{args.rounds} {method:5s} N={n:<3d} " + "  ".join(
                     f"{p['assign']}: {p['output_tokens'] / p['elapsed_s']:.1f}" for p in res["passes"])
@@ -336,6 +425,8 @@ def _run(args, assigns, work) -> int:
             ps = [p for p in passes if p["assign"] == a]
             elapsed = [p["elapsed_s"] for p in ps]
             t = min(elapsed) if args.stat == "best" else statistics.median(elapsed)
+            cpus = [p["cpu_s"] for p in ps if p.get("cpu_s")]
+            c = (min(cpus) if args.stat == "best" else statistics.median(cpus)) if cpus else None
             p0 = ps[0]
             tok = p0["prompt_tokens"] + p0["output_tokens"]
             run = dict(method=method, num_tenants=n, assign=a, stat=args.stat, elapsed_s=t,
@@ -343,18 +434,21 @@ def _run(args, assigns, work) -> int:
                        total_tokens_per_s=tok / t,
                        median_output_tokens_per_s=p0["output_tokens"] / statistics.median(elapsed),
                        num_requests=p0["num_requests"], prompt_tokens=p0["prompt_tokens"],
-                       output_tokens=p0["output_tokens"], passes_s=elapsed,
+                       output_tokens=p0["output_tokens"], passes_s=elapsed, cpu_s=c, passes_cpu_s=cpus,
+                       output_tokens_per_cpu_s=p0["output_tokens"] / c if c else None,
                        engine_init_s=[p["engine_init_s"] for p in ps if p["repeat"] == 0],
                        warmup_s=[p["warmup_s"] for p in ps if p["repeat"] == 0])
             if p0.get("profile") and a == assigns[0]:
                 run["profile_top_ops"] = p0["profile"]
+            if a == assigns[0] and any(p.get("pyspy") for p in ps):  # all rounds' samples of this run
+                run["pyspy_breakdown"] = [p["pyspy"] for p in ps if p.get("pyspy") and p["repeat"] == 0]
             runs.append(run)
 
     summary = summarize(runs, args.num_tenants, assigns)
     result = dict(
         benchmark="multi_tenant_throughput", started=started, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-        config=dict(model=model_label, model_dir=model_dir, num_prompts=args.num_prompts, input_len=args.input_len,
+        config=dict(model=model_label, model_dir=model_dir, in_process=args.in_process, num_prompts=args.num_prompts, input_len=args.input_len,
                     output_len=args.output_len, num_tenants=args.num_tenants, methods=args.methods,
                     lora_rank=args.lora_rank, lora_targets=LORA_TARGETS[args.lora_targets],
                     pedro_rank=args.pedro_rank, pedro_targets=args.pedro_targets, max_num_seqs=args.max_num_seqs,
@@ -368,12 +462,16 @@ def _run(args, assigns, work) -> int:
         environment=dict(_environment(), loadavg_at_start=load_start),
         notes=[LORA_BUG_NOTE,
                "every PEDRO-run request carries a PEDRO adapter too (no base requests), like the LoRA runs",
-               "each (method, tenant count) runs in a fresh engine in its own subprocess, warmed up on other "
-               "prompts (every adapter loaded) before timing",
+               "each (method, tenant count) runs in a fresh engine " + (
+                   "(one after another in one process: --in-process)" if args.in_process else
+                   "in its own subprocess") + ", warmed up on other prompts of the same shape (every adapter "
+               "loaded) before timing",
                "chunked prefill and prefix caching are off for all three methods",
                "the bare model's passes are identical work for every assignment: their spread is the noise",
                f"throughput = the {args.stat} of {args.rounds} round(s) x {args.repeats} timed pass(es) per "
-               "assignment (passes_s lists them all; median_output_tokens_per_s is their median)"],
+               "assignment (passes_s lists them all; median_output_tokens_per_s is their median)",
+               "output_tokens_per_cpu_s and the *_cpu ratios divide by the CPU seconds of the engine's process "
+               "(in-process engine), which other load on a shared machine disturbs far less than wall time"],
         runs=runs, summary=summary)
     print_table(result)
     if args.output_json:
@@ -391,14 +489,27 @@ def _spawn(spec: dict, work: str, args) -> dict:
     path = spec["result"].replace("result-", "spec-")
     with open(path, "w") as f:
         json.dump(spec, f)
+    if args.in_process:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{args.kv_cache_space:g}")
+        run_worker(path)
+        with open(spec["result"]) as f:
+            return json.load(f)
     env = dict(os.environ)
     env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_space).rstrip("0").rstrip(".") if isinstance(
-        args.kv_cache_space, float) else str(args.kv_cache_space)
+    env["VLLM_CPU_KVCACHE_SPACE"] = f"{args.kv_cache_space:g}"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     pypath = [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(pypath)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", path]
+    raw = None
+    if args.profile == "py-spy":
+        pyspy = args.py_spy or shutil.which("py-spy")
+        if not pyspy:
+            raise ValueError("--profile py-spy needs py-spy (pip install py-spy) on PATH or --py-spy PATH")
+        raw = spec["result"].replace("result-", "pyspy-").replace(".json", ".txt")
+        cmd = [pyspy, "record", "--rate", str(args.py_spy_rate), "--format", "raw", "--nonblocking", "-o", raw,
+               "--"] + cmd
     log = spec["result"].replace("result-", "log-").replace(".json", ".txt")
     with open(log, "w") as logf:
         proc = subprocess.run(cmd, env=env, stdout=logf if args.quiet else None,
@@ -407,7 +518,10 @@ def _spawn(spec: dict, work: str, args) -> dict:
         tail = open(log).read()[-3000:] if args.quiet else "(see the output above)"
         raise RuntimeError(f"run {spec['method']} N={spec['num_tenants']} failed (exit {proc.returncode}):\n{tail}")
     with open(spec["result"]) as f:
-        return json.load(f)
+        res = json.load(f)
+    if raw and os.path.isfile(raw):
+        res["pyspy"] = pyspy_breakdown(raw)
+    return res
 
 
 def summarize(runs, tenant_counts, assigns) -> list[dict]:
@@ -419,11 +533,13 @@ def summarize(runs, tenant_counts, assigns) -> list[dict]:
             for m, r in by.items():
                 for k in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s"):
                     row[f"{m}_{k}"] = r[k]
-            for m in ("pedro", "lora"):
-                if m in by and "bare" in by:
-                    row[f"{m}_vs_bare"] = by[m]["output_tokens_per_s"] / by["bare"]["output_tokens_per_s"]
-            if "pedro" in by and "lora" in by:
-                row["pedro_vs_lora"] = by["pedro"]["output_tokens_per_s"] / by["lora"]["output_tokens_per_s"]
+            for suffix, key in (("", "output_tokens_per_s"), ("_cpu", "output_tokens_per_cpu_s")):
+                ok = lambda m: m in by and by[m].get(key)  # noqa: E731
+                for m in ("pedro", "lora"):
+                    if ok(m) and ok("bare"):
+                        row[f"{m}_vs_bare{suffix}"] = by[m][key] / by["bare"][key]
+                if ok("pedro") and ok("lora"):
+                    row[f"pedro_vs_lora{suffix}"] = by["pedro"][key] / by["lora"][key]
             rows.append(row)
     return rows
 
@@ -434,19 +550,24 @@ def print_table(result) -> None:
           f"({result['config']['input_len']} in, {result['config']['output_len']} out)  dtype "
           f"{result['config']['dtype']}  max_num_seqs {result['config']['max_num_seqs']}")
     print(f"{'method':6s} {'N':>3s} {'assign':11s} {'req/s':>8s} {'out tok/s':>10s} {'tot tok/s':>10s} "
-          f"{'vs bare':>8s}")
+          f"{'vs bare':>8s} {'out tok/CPU-s':>13s} {'vs bare':>8s}")
     bare = {(r["num_tenants"], r["assign"]): r for r in result["runs"] if r["method"] == "bare"}
     for r in result["runs"]:
         b = bare.get((r["num_tenants"], r["assign"]))
         ratio = f"{r['output_tokens_per_s'] / b['output_tokens_per_s']:.3f}" if b else "-"
+        cpu = r.get("output_tokens_per_cpu_s")
+        cratio = f"{cpu / b['output_tokens_per_cpu_s']:.3f}" if b and cpu and b.get("output_tokens_per_cpu_s") else "-"
         print(f"{r['method']:6s} {r['num_tenants']:3d} {r['assign']:11s} {r['requests_per_s']:8.2f} "
-              f"{r['output_tokens_per_s']:10.1f} {r['total_tokens_per_s']:10.1f} {ratio:>8s}")
+              f"{r['output_tokens_per_s']:10.1f} {r['total_tokens_per_s']:10.1f} {ratio:>8s} "
+              f"{(f'{cpu:.1f}' if cpu else '-'):>13s} {cratio:>8s}")
     print()
-    print(f"{'N':>3s} {'assign':11s} {'PEDRO/bare':>10s} {'LoRA/bare':>10s} {'PEDRO/LoRA':>10s}   (output tokens/s)")
     f = lambda v: f"{v:10.3f}" if v is not None else f"{'-':>10s}"  # noqa: E731
-    for s in result["summary"]:
-        print(f"{s['num_tenants']:3d} {s['assign']:11s} {f(s.get('pedro_vs_bare'))} {f(s.get('lora_vs_bare'))} "
-              f"{f(s.get('pedro_vs_lora'))}")
+    for suffix, what in (("", "output tokens/s, wall clock"),
+                         ("_cpu", "output tokens per CPU-second of the engine process")):
+        print(f"{'N':>3s} {'assign':11s} {'PEDRO/bare':>10s} {'LoRA/bare':>10s} {'PEDRO/LoRA':>10s}   ({what})")
+        for s in result["summary"]:
+            print(f"{s['num_tenants']:3d} {s['assign']:11s} {f(s.get('pedro_vs_bare' + suffix))} "
+                  f"{f(s.get('lora_vs_bare' + suffix))} {f(s.get('pedro_vs_lora' + suffix))}")
     print("note:", LORA_BUG_NOTE)
 
 
@@ -457,7 +578,7 @@ def plot(result, path: str) -> None:
 
     colors = {"bare": "tab:gray", "pedro": "tab:blue", "lora": "tab:orange"}
     styles = {"round-robin": "-", "random": "--"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     ns = result["config"]["num_tenants"]
     for m in result["config"]["methods"]:
         for a in result["config"]["assign"]:
@@ -474,6 +595,10 @@ def plot(result, path: str) -> None:
                             key=lambda s: s["num_tenants"])
                 axes[1].plot([s["num_tenants"] for s in ss], [s[key] for s in ss], styles[a], marker="o",
                              color=colors[m], label=f"{m} / bare ({a})")
+                ss = sorted((s for s in result["summary"] if s["assign"] == a and key + "_cpu" in s),
+                            key=lambda s: s["num_tenants"])
+                axes[2].plot([s["num_tenants"] for s in ss], [s[key + "_cpu"] for s in ss], styles[a],
+                             marker="o", color=colors[m], label=f"{m} / bare ({a})")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns)
@@ -483,10 +608,13 @@ def plot(result, path: str) -> None:
         ax.legend(fontsize=8)
     axes[0].set_ylabel("output tokens/s")
     axes[0].set_title("throughput")
-    axes[1].axhline(1.0, color="tab:gray", lw=1)
-    axes[1].axhline(0.95, color="tab:gray", lw=0.8, ls=":")
+    for ax in axes[1:]:
+        ax.axhline(1.0, color="tab:gray", lw=1)
+        ax.axhline(0.95, color="tab:gray", lw=0.8, ls=":")
     axes[1].set_ylabel("output tokens/s relative to bare")
-    axes[1].set_title("relative to the bare model")
+    axes[1].set_title("relative to bare (wall clock)")
+    axes[2].set_ylabel("output tokens per CPU-second relative to bare")
+    axes[2].set_title("relative to bare (engine CPU time)")
     c = result["config"]
     env = result["environment"]
     fig.suptitle(f"{c['model']}, {c['num_prompts']} req x ({c['input_len']} in, {c['output_len']} out), "

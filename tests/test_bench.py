@@ -30,7 +30,7 @@ def test_multi_tenant_throughput_end_to_end(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     cmd = [sys.executable, str(BENCH), "--num-prompts", "4", "--input-len", "8", "--output-len", "4",
            "--num-tenants", "1", "2", "--lora-rank", "8", "--pedro-rank", "4", "--max-num-seqs", "8",
-           "--enforce-eager", "--quiet", "--work-dir", str(tmp_path / "work"),
+           "--enforce-eager", "--quiet", "--in-process", "--work-dir", str(tmp_path / "work"),
            "--output-json", str(out), "--plot", str(png)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -75,3 +75,18 @@ def test_hf_decode_compare_smoke(tmp_path):
     methods = {(r["method"], r["num_tenants"]) for r in result["results"]}
     assert {("bare", 1), ("pedro", 1), ("pedro", 2), ("lora", 1), ("lora", 2)} <= methods
     assert all(r["decode_tokens_per_s"] > 0 for r in result["results"])
+
+
+def test_fresh_subprocess_per_run(tmp_path):
+    """The default isolation (one subprocess per engine), on the smallest possible sweep."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(BENCH), "--num-prompts", "2", "--input-len", "8", "--output-len", "2",
+           "--num-tenants", "1", "--methods", "bare", "--assign", "round-robin", "--enforce-eager", "--quiet",
+           "--output-json", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["config"]["in_process"] is False
+    [run] = result["runs"]
+    assert run["method"] == "bare" and run["output_tokens_per_s"] > 0

@@ -33,6 +33,7 @@ script sets them when they are unset).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -278,7 +279,6 @@ def run_study(args) -> dict:
     import torch
 
     from vllm_pedro import tasks
-    from vllm_pedro.train import load_base_model
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -304,29 +304,44 @@ def run_study(args) -> dict:
             log(f"{v['variant']}: r={v['r']}, {v['params_formula']:,} params vs {v['matched_params']:,} "
                 f"({v['param_ratio']:.3f}x)")
     metas = prepare_data(args, work)
-    _, tokenizer = load_base_model(model_dir, args.dtype, "cpu")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     eos = eos_ids_of(tokenizer, model_dir)
 
-    # Everything each run needs, then: train all, HF-evaluate all, vLLM-evaluate all.
+    # Every run of the study; then phase 1 (train + transformers eval, run by run) and
+    # phase 2 (one vLLM engine for all PEDRO and base runs).
     runs = []
     for task_name, meta in metas.items():
         spec = tasks.get_task(task_name)
+        if args.max_new_tokens:
+            spec = dataclasses.replace(spec, max_new_tokens=min(spec.max_new_tokens, args.max_new_tokens))
         test = tasks.read_records(meta["paths"]["test"])
         pids = prompt_token_ids(tokenizer, [r["prompt"] for r in test])
         for v in variants:
             for seed in (args.seeds if v["trained"] else [None]):
                 tag = "seed-none" if seed is None else f"seed{seed}"
+                fingerprint = {"model": os.path.abspath(model_dir), "variant": v, "seed": seed,
+                               "data": {k: meta[k] for k in ("counts", "seed", "source_sha256")},
+                               "max_new_tokens": spec.max_new_tokens, "dtype": args.dtype}
+                if v["trained"]:
+                    fingerprint["train"] = {"steps": args.steps, "batch_size": args.batch_size,
+                                            "grad_accum": args.grad_accum, "max_len": args.max_len,
+                                            "lr": args.lr.get(v["method"], DEFAULT_LR[v["method"]]),
+                                            "eval_steps": args.eval_steps}
                 runs.append({"task": task_name, "spec": spec, "meta": meta, "test": test, "pids": pids,
-                             "variant": v, "seed": seed,
+                             "variant": v, "seed": seed, "fingerprint": fingerprint,
                              "json": os.path.join(out_dir, "runs", spec.slug, v["variant"], f"{tag}.json"),
                              "adapter": os.path.join(work, "adapters", spec.slug, v["variant"], tag)})
     def complete(r):
+        """Done before with the same settings (else it is redone)."""
         if not os.path.isfile(r["json"]):
             return False
         with open(r["json"]) as f:
-            return json.load(f).get("complete", False)
+            old = json.load(f)
+        return old.get("complete", False) and old.get("fingerprint") == json.loads(json.dumps(r["fingerprint"]))
 
-    todo = [r for r in runs if args.overwrite or not complete(r)]
+    todo = [] if args.summarize_only else [r for r in runs if args.overwrite or not complete(r)]
     log(f"{len(runs)} runs, {len(todo)} to do")
 
     # Phase 1, run by run: train (or reuse a finished adapter), transformers eval, save.
@@ -334,17 +349,24 @@ def run_study(args) -> dict:
         v, spec = r["variant"], r["spec"]
         res = r["result"] = {"task": r["task"], "variant": v["variant"], "method": v["method"], "seed": r["seed"],
                              "model": model_dir, "variant_config": v, "complete": False,
+                             "fingerprint": r["fingerprint"],
                              "data": {k: r["meta"][k] for k in ("counts", "seed", "source_sha256")},
                              "args": {k: x for k, x in vars(args).items()}}
         if v["trained"]:
             metrics_path = os.path.join(r["adapter"], "train_metrics.json")
+            m = None
             if os.path.isfile(metrics_path) and not args.overwrite:
                 with open(metrics_path) as f:
                     m = json.load(f)
-                log(f"reuse adapter [{i + 1}/{len(todo)}] {r['adapter']}")
-            else:
+                if m.get("fingerprint") != json.loads(json.dumps(r["fingerprint"])):
+                    m = None  # trained with other settings: train again
+                else:
+                    log(f"reuse adapter [{i + 1}/{len(todo)}] {r['adapter']}")
+            if m is None:
                 log(f"train [{i + 1}/{len(todo)}] {r['task']} {v['variant']} seed {r['seed']}")
                 m = train_one(args, model_dir, r["meta"], v, r["seed"], r["adapter"])
+                m["fingerprint"] = r["fingerprint"]
+                write_json(metrics_path, m)
             res["train"] = {k: m[k] for k in ("steps", "best_dev_loss", "best_step", "initial_dev_loss",
                                               "final_train_loss", "trainable_params", "wall_time_s",
                                               "stopped_early", "train_examples")}
@@ -498,7 +520,7 @@ def write_markdown(path: str, summary: dict) -> None:
             rank = row["r"] if row["method"] == "pedro" else row["lora_r"]
             ratio = f"{row['param_ratio']:.2f}x" if row.get("param_ratio") else "-"
             ag = row.get("agreement")
-            cells = [row["variant"], str(rank or "-"), f"{row['trainable_params']:,}", ratio]
+            cells = [row["variant"] + ("" if row.get("complete", True) else " (incomplete)"), str(rank or "-"), f"{row['trainable_params']:,}", ratio]
             for m in metrics:
                 cells += [_fmt(row["metrics"][m]["hf"]), _fmt(row["metrics"][m]["vllm"])]
             cells += [f"{ag['identical']}/{ag['n']}" if ag else "-",
@@ -518,7 +540,7 @@ def plot(path: str, summary: dict) -> None:
     from vllm_pedro import tasks
 
     panels = [(t, m) for t in dict.fromkeys(r["task"] for r in summary["rows"]) for m in tasks.get_task(t).metrics]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 4.2 * len(panels)), 3.8), squeeze=False)
     for ax, (t, m) in zip(axes[0], panels):
         rows = [r for r in summary["rows"] if r["task"] == t]
         names, med, lo, hi, pts = [], [], [], [], []
@@ -539,6 +561,7 @@ def plot(path: str, summary: dict) -> None:
             ax.scatter([i] * len(vals), vals, s=8, color="black", zorder=3)
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, max([1.0] + [m_ + h for m_, h in zip(med, hi)]) * 1.15)
         ax.set_title(f"{t}: {m}", fontsize=9)
     fig.suptitle("median over seeds (bars: min-max; PEDRO scored from vLLM generations)", fontsize=9)
     fig.tight_layout()
@@ -581,6 +604,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bigbench-dir", help="a folder of extracted BIG-bench tasks (<task>/task.json) to use "
                                           "instead of downloading the sdist")
     p.add_argument("--tiny-examples", type=int, default=24, help="--tiny: synthetic examples per task")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap on generated tokens (default per task: e2e 64, classification 4)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--hf-batch-size", type=int, default=8, help="transformers generation batch (LoRA, IA3, base)")
     p.add_argument("--pedro-hf-batch-size", type=int, default=1,
@@ -593,6 +618,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="data splits, adapters, tiny model (default: "
                                                     "~/.cache/vllm_pedro/quality[-tiny])")
     p.add_argument("--overwrite", action="store_true", help="redo runs whose JSON exists")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="run nothing; rebuild summary.md/json and the plot from the run JSONs there are")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     args.lr = _lr_overrides(args.lr)
