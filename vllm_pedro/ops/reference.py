@@ -17,14 +17,21 @@ def _gather(vectors: torch.Tensor, slot_idx: torch.Tensor, T: int, col: int, wid
     mask = (s >= 0).unsqueeze(1)
     if vectors.shape[0] == 0 or col < 0:  # no slots / target off: factor 1 everywhere
         return torch.ones(T, width, dtype=torch.float32, device=vectors.device), mask
-    v = vectors[s.clamp(min=0), col:col + width].float()
+    # index_select on the column slice: ~20x faster on the CPU than advanced indexing
+    # vectors[s, col:col+width] (which dominated PEDRO's decode cost in the py-spy profile).
+    v = vectors[:, col:col + width].index_select(0, s.clamp(min=0)).float()
     return v, mask
 
 
 def _scale_range(x: torch.Tensor, vectors, slot_idx, col: int) -> None:
     T, D = x.shape
     v, mask = _gather(vectors, slot_idx, T, col, D)
-    x.copy_(torch.where(mask, (x.float() * v).to(x.dtype), x))
+    # Unslotted tokens get factor 1, which is exact in fp32 and survives the round trip.
+    v = torch.where(mask, v, 1.0)
+    if x.dtype == torch.float32:
+        x.mul_(v)
+    else:
+        x.copy_((x.float() * v).to(x.dtype))
 
 
 def scale_qkv_(qkv, vectors, slot_idx, q_size, kv_size, q_col, k_col, v_col) -> None:
