@@ -7,6 +7,7 @@ attention: fewer KV heads than query heads). Read shapes from the model's config
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vllm_pedro.tiny import build_tiny_model
 
@@ -25,3 +26,13 @@ def tiny_qwen2_dir(tmp_path_factory) -> str:
 def tiny_model_dir(request) -> str:
     """Both tiny models in turn (parametrised over architecture)."""
     return request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train faster on one thread, and far faster on a shared, busy machine.
+    Use per module: pytestmark = pytest.mark.usefixtures("one_torch_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,12 +20,7 @@ TRAIN_FLAGS = ["--model", "--train-file", "--dev-file", "--output-dir", "--max-l
                "--device", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
