@@ -16,7 +16,7 @@ from vllm_pedro.data import (IGNORE_INDEX, DataError, batches, collate, encode_e
                              pad_token_id, read_jsonl)
 from vllm_pedro.hf.model import PedroModel
 from vllm_pedro.train import (METRICS_NAME, TrainArgs, accumulate_gradients, evaluate_loss, load_base_model,
-                              train, wrap_model)
+                              token_loss_sum, train, wrap_model)
 
 # A task the base model cannot do: the answer is a fixed word chosen by the key in the
 # prompt; the filler around the key varies, and dev prompts use fillers not seen in training.
@@ -173,6 +173,40 @@ def test_grad_accumulation_equals_bigger_batch(tiny_llama_dir, method):
     for n in g_big:
         assert g_big[n].abs().sum() > 0, n
         torch.testing.assert_close(g_acc[n], g_big[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("method", ["pedro", "lora", "ia3"])
+def test_token_loss_sum_equals_loss_over_full_logits(tiny_llama_dir, method):
+    """token_loss_sum runs the LM head only where a response token is predicted; oracle:
+    the cross entropy over the full [B, T, V] logits, value and gradients."""
+    base, tok = load_base_model(tiny_llama_dir)
+    torch.manual_seed(1)
+    model = wrap_model(base, TrainArgs(model="", train_file="", output_dir="", method=method))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    recs = [("key: fox. the quick brown lazy tenant model. answer:", " yes"), ("key: dog. answer:", " no no no"),
+            ("key: sky. tokens vectors scale. answer:", " cold blue")]
+    batch = collate([encode_example(tok, p, r, 64) for p, r in recs], pad_token_id(tok))
+
+    model.zero_grad(set_to_none=True)
+    loss, n = token_loss_sum(model, batch)
+    loss.backward()
+    g = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    model.zero_grad(set_to_none=True)
+    kwargs = {"prompt_lengths": batch["prompt_lengths"]} if isinstance(model, PedroModel) else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1][mask], labels[mask], reduction="sum")
+    ref.backward()
+    assert n == int(mask.sum()) > 0
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(g[k], p.grad, rtol=1e-4, atol=1e-7, msg=k)
 
 
 def test_grad_accumulation_step_matches_bigger_batch_end_to_end(tiny_llama_dir, task, tmp_path):

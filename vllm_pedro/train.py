@@ -141,20 +141,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def _forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _forward_logits(model: nn.Module, batch: dict[str, torch.Tensor],
+                    logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
     kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     if isinstance(model, PedroModel):  # peft models do not take prompt_lengths
         kwargs["prompt_lengths"] = batch["prompt_lengths"]
+    if logits_to_keep is not None:
+        kwargs["logits_to_keep"] = logits_to_keep
     return model(**kwargs).logits
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """(sum of the next-token cross entropy over the batch's response tokens, their count)."""
+    """(sum of the next-token cross entropy over the batch's response tokens, their count).
+
+    Only the positions that predict a response token (in any row) go through the LM
+    head (transformers' `logits_to_keep`): with a 49k vocabulary and one-token answers
+    the head over every prompt position would be a third of the step for nothing."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    logits = _forward_logits(model, batch)
     labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1]
+    keep = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    logits = _forward_logits(model, batch, logits_to_keep=keep)
+    labels = labels[:, keep]
     mask = labels != IGNORE_INDEX
     loss = F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum")
     return loss, int(mask.sum())
