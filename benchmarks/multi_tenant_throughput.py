@@ -147,27 +147,12 @@ def assignment(kind: str, n_requests: int, n_tenants: int, seed: int) -> list[in
 
 
 def make_pedro_adapters(model_dir: str, n: int, rank: int, targets, out: str, seed: int) -> list[str]:
-    import torch
-    from transformers import AutoModelForCausalLM
+    """n random adapters, distinct per tenant: vectors 1 + small (std 0.05 weights), the
+    rational activation jittered around its GELU fit."""
+    from vllm_pedro.tiny import build_random_adapters
 
-    from vllm_pedro import PedroConfig, get_pedro_model
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    pm = get_pedro_model(base, PedroConfig(r=rank, targets=tuple(targets)))
-    paths = []
-    for t in range(n):
-        gen = torch.Generator().manual_seed(seed * 7919 + t)
-        with torch.no_grad():
-            for name, p in pm.generators.named_parameters():
-                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-                if name.split(".")[-1].startswith("rat_"):
-                    p.add_(noise * 0.01)  # jitter the rational's coefficients, keep it GELU-like
-                else:
-                    p.copy_(noise * 0.05)  # W_up non-zero: vectors 1 + small, distinct per tenant
-        path = os.path.join(out, f"pedro-{t}")
-        pm.save_pretrained(path)
-        paths.append(path)
-    return paths
+    dirs = {seed * 7919 + t: os.path.join(out, f"pedro-{t}") for t in range(n)}
+    return build_random_adapters(model_dir, dirs, std=0.05, rational_std=0.01, r=rank, targets=tuple(targets))
 
 
 def make_lora_adapters(model_dir: str, n: int, rank: int, targets: str, out: str, seed: int) -> list[str]:

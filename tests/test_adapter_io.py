@@ -16,6 +16,7 @@ from vllm_pedro import AdapterError, PedroConfig, PedroModel, get_pedro_model
 from vllm_pedro.adapter_io import expected_tensor_shapes, load_adapter, save_adapter, validate_tensors
 from vllm_pedro.config import CONFIG_NAME, WEIGHTS_NAME, BaseShapes
 from vllm_pedro.hf.model import base_shapes_of
+from vllm_pedro.tiny import build_random_adapters, randomize_generators
 
 FIRST_ID = 5
 
@@ -27,14 +28,7 @@ def load(directory: str):
 
 
 def randomize(pm: PedroModel, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.generators.named_parameters():
-            noise = torch.randn(p.shape, generator=gen).to(p.dtype)
-            if name.split(".")[-1].startswith("rat_"):
-                p.add_(noise * 0.05)
-            else:
-                p.copy_(noise * 0.3)
+    randomize_generators(pm, seed, std=0.3, rational_std=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +288,25 @@ def test_save_refuses_invalid_tensors_and_writes_nothing(tmp_path, saved):
         save_adapter(directory, config, bad)
     assert not os.path.exists(directory)
     validate_tensors(config, tensors)  # the good ones pass
+
+
+def test_random_adapters_are_distinct_and_load(tmp_path, tiny_llama_dir, llama):
+    """tiny.build_random_adapters (tests, demo, benchmarks): one base load, one adapter
+    per seed; W_up non-zero, the rational coefficients near their GELU fit."""
+    from vllm_pedro.generator import GELU_NUMERATOR
+
+    dirs = {3: str(tmp_path / "a"), 4: str(tmp_path / "b")}
+    assert build_random_adapters(tiny_llama_dir, dirs, std=0.2, rational_std=0.01, r=3) == list(dirs.values())
+    base = base_shapes_of(llama)
+    (ca, ta), (cb, tb) = (load_adapter(d, base) for d in dirs.values())
+    assert ca.r == cb.r == 3 and set(ta) == set(tb)
+    for name in ta:
+        assert not torch.equal(ta[name], tb[name]), name
+        if name.endswith("rat_num"):
+            torch.testing.assert_close(ta[name], torch.tensor(GELU_NUMERATOR), atol=0.05, rtol=0)
+        elif name.endswith("up.weight"):
+            assert ta[name].abs().min() > 0 and 0.1 < float(ta[name].std()) < 0.3
+    # the same seed gives the same adapter
+    again = build_random_adapters(tiny_llama_dir, {3: str(tmp_path / "c")}, std=0.2, rational_std=0.01, r=3)
+    for name, t in load_adapter(again[0], base)[1].items():
+        assert torch.equal(t, ta[name]), name

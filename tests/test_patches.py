@@ -90,3 +90,32 @@ def test_layers_route_every_target_through_ops(monkeypatch):
     layers.pedro_qkv(torch.zeros(3, 6), torch.zeros(3, 16), 0)
     layers.pedro_up(torch.zeros(3, 16), 0)
     assert calls == [("qkv", (8, 4, 0, -1, 8)), ("up", (12,))]
+
+
+def test_beam_search_patch_refuses_pedro_and_passes_others():
+    """Online beam search re-sends prompt + beam as a new prompt at every step; a PEDRO
+    tenant must be refused, not served with vectors of a growing prompt."""
+    import asyncio
+
+    from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+    from vllm.lora.request import LoRARequest
+
+    from vllm_pedro.vllm.serving import PedroLoRARequest
+
+    patches.apply_all()
+    patched = BeamSearchOnlineMixin.beam_search
+    original = patched.__wrapped__
+    assert inspect.isasyncgenfunction(original), "BeamSearchOnlineMixin.beam_search is no async generator"
+    assert "lora_request" in inspect.signature(original).parameters, \
+        "BeamSearchOnlineMixin.beam_search lost lora_request: the PEDRO refusal reads it"
+
+    async def first(lora):
+        async for _ in patched(object(), {"type": "token"}, "req", None, lora_request=lora):
+            return
+
+    pedro = PedroLoRARequest(lora_name="tenant-a", lora_int_id=7, lora_path="/x")
+    with pytest.raises(ValueError, match="tenant-a.*beam search is not supported"):
+        asyncio.run(first(pedro))
+    # A plain LoRA request reaches vLLM's own code (which fails on the fake self here).
+    with pytest.raises(AttributeError):
+        asyncio.run(first(LoRARequest(lora_name="lora-a", lora_int_id=8, lora_path="/x")))

@@ -179,6 +179,18 @@ def test_unknown_model_is_404_and_server_keeps_serving(setup, client):
     assert complete(client, "tenant-a", PROMPTS[0])[1] == setup["reference"]["tenant-a"]["completions"][0]
 
 
+def test_beam_search_refused_for_pedro_tenants_only(setup, client):
+    url = setup["base_url"] + "/v1/completions"
+    body = {"prompt": PROMPTS[0], "max_tokens": 3, "use_beam_search": True, "n": 2}
+    r = httpx.post(url, json={"model": "tenant-a", **body}, timeout=120)
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert "beam search is not supported" in r.json()["error"]["message"]
+    base = httpx.post(url, json={"model": setup["model"], **body}, timeout=120)
+    assert base.status_code == 200, base.text
+    assert len(base.json()["choices"]) == 2
+    assert complete(client, "tenant-a", PROMPTS[0])[1] == setup["reference"]["tenant-a"]["completions"][0]
+
+
 def load(setup, name, path):
     return httpx.post(setup["base_url"] + "/v1/load_pedro_adapter", json={"pedro_name": name, "pedro_path": path})
 

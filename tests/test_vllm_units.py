@@ -113,6 +113,18 @@ def test_adapter_cache_lru_and_growth(adapter_dirs):
     assert set(cache.index) == {1, 3} and cache.rows == 2
     cache.ensure({1: ("a", adapter_dirs[0]), 2: ("b", adapter_dirs[1]), 4: ("d", adapter_dirs[3])})
     assert set(cache.index) == {1, 2, 4} and cache.rows == 3  # one step needs 3: grows
+    # Rows loaded before the growth kept their weights: same vectors as a cache that never grew.
+    fresh = AdapterCache(cfg.base_shapes, lay, capacity=3, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+    ids = {1: ("a", adapter_dirs[0]), 2: ("b", adapter_dirs[1]), 4: ("d", adapter_dirs[3])}
+    fresh_rows = fresh.ensure(ids)
+    rows = cache.ensure(ids)
+    torch.manual_seed(0)
+    h, seg = torch.randn(6, cfg.base_shapes.hidden_size), torch.tensor([0, 0, 1, 1, 2, 2])
+    for layer in range(cfg.base_shapes.num_layers):
+        got = cache.compute_vectors(layer, h, seg, torch.tensor([rows[i] for i in ids]))
+        want = fresh.compute_vectors(layer, h, seg, torch.tensor([fresh_rows[i] for i in ids]))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert bool((cache.up_w != 0).any(dim=(0, 2, 3)).all())  # every row holds a loaded adapter
 
 
 def test_adapter_cache_refuses_what_it_cannot_serve(adapter_dirs):

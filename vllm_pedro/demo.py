@@ -25,24 +25,12 @@ SERVER_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "256
 # -- building blocks (also used by tests/test_serving.py) ------------------------------
 def make_demo_adapter(model_dir: str, out_dir: str, seed: int, r: int = 8, std: float = 0.5) -> str:
     """A PEDRO adapter for `model_dir` with random non-zero generator weights (an
-    untrained adapter would leave the model unchanged), saved with save_pretrained."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .config import PedroConfig
-    from .hf.model import get_pedro_model
+    untrained adapter would leave the model unchanged); kept if `out_dir` has one."""
+    from .tiny import build_random_adapter
 
     if os.path.isfile(os.path.join(out_dir, "adapter_config.json")):
         return out_dir
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    pm = get_pedro_model(model, PedroConfig(r=r))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.generators.named_parameters():
-            if name.endswith(("pool_w", "down.weight", "down.bias", "up.weight", "up.bias")):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    pm.save_pretrained(out_dir)
-    return out_dir
+    return build_random_adapter(model_dir, out_dir, seed=seed, std=std, rational_std=0.0, r=r)
 
 
 def build_demo(workdir: str) -> tuple[str, dict[str, str]]:

@@ -87,19 +87,44 @@ def _write_rope_theta_top_level(directory: str) -> None:
         json.dump(cfg, f, indent=2)
 
 
-def build_random_adapter(model_dir: str, out_dir: str, seed: int = 0, scale: float = 0.3, **config) -> str:
-    """A PEDRO adapter with random non-zero generator weights (W_up included), so it
-    visibly changes the model: for tests, demos and benchmarks."""
+def randomize_generators(pedro_model, seed: int, std: float = 0.3, rational_std: float = 0.3) -> None:
+    """Random generator weights, in place: every weight (W_up included, so the vectors
+    differ from 1 and the adapter visibly changes the model) from N(0, std^2); the
+    rational activation's coefficients are their GELU fit plus N(0, rational_std^2)
+    jitter, so it stays GELU-like."""
+    from .generator import GELU_DENOMINATOR, GELU_NUMERATOR
+
+    fitted = {"rat_num": GELU_NUMERATOR, "rat_den": GELU_DENOMINATOR}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pedro_model.generators.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in fitted:
+                p.copy_(torch.tensor(fitted[leaf]) + noise * rational_std)
+            else:
+                p.copy_(noise * std)
+
+
+def build_random_adapters(model_dir: str, seeds_to_dirs: dict[int, str], std: float = 0.3,
+                          rational_std: float = 0.3, **config) -> list[str]:
+    """PEDRO adapters of randomize_generators, one per (seed, folder); the base is
+    loaded once. `config`: PedroConfig fields (r, targets, pooler, ...). For tests,
+    demos and benchmarks; returns the folders."""
     from transformers import AutoModelForCausalLM
 
     from .config import PedroConfig
     from .hf.model import get_pedro_model
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     pm = get_pedro_model(model, PedroConfig(**config))
-    with torch.no_grad():
-        for p in pm.generators.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    pm.save_pretrained(out_dir)
-    return out_dir
+    for seed, out_dir in seeds_to_dirs.items():
+        randomize_generators(pm, seed, std, rational_std)
+        pm.save_pretrained(out_dir)
+    return list(seeds_to_dirs.values())
+
+
+def build_random_adapter(model_dir: str, out_dir: str, seed: int = 0, std: float = 0.3,
+                         rational_std: float = 0.3, **config) -> str:
+    """One adapter of build_random_adapters."""
+    return build_random_adapters(model_dir, {seed: out_dir}, std, rational_std, **config)[0]

@@ -34,31 +34,28 @@ class AdapterCache:
         self.names: dict[int, str] = {}
         self._alloc(capacity)
 
+    WEIGHTS = ("pool_w", "down_w", "down_b", "rat_num", "rat_den", "up_w", "up_b")
+
     def _alloc(self, n: int) -> None:
+        """(Re)allocate n adapter rows per layer, keeping the rows there are."""
         L, d, r, w = self.base.num_layers, self.base.hidden_size, self.max_rank, self.layout.width
-        new = dict(
-            pool_w=torch.zeros(L, n, d), down_w=torch.zeros(L, n, r, d), down_b=torch.zeros(L, n, r),
-            rat_num=torch.zeros(L, n, 7), rat_den=torch.zeros(L, n, 5),
-            up_w=torch.zeros(L, n, w, r), up_b=torch.zeros(L, n, w))
-        for k, v in new.items():
-            v = v.to(device=self.device, dtype=self.dtype)
-            old = getattr(self, k, None)
-            if old is not None:
-                v[:, :old.shape[1]] = old
-            setattr(self, k, v)
-        codes = torch.zeros(n, dtype=torch.long, device=self.device)
+        shapes = dict(pool_w=(L, n, d), down_w=(L, n, r, d), down_b=(L, n, r), rat_num=(L, n, 7),
+                      rat_den=(L, n, 5), up_w=(L, n, w, r), up_b=(L, n, w))
+        for k, shape in shapes.items():
+            new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if hasattr(self, k):
+                new[:, :self.rows] = getattr(self, k)
+            setattr(self, k, new)
         for k in ("pooler_code", "act_code"):
-            old = getattr(self, k, None)
-            if old is not None:
-                codes = codes.clone()
-                codes[:old.shape[0]] = old
-            setattr(self, k, codes.clone())
+            new = torch.zeros(n, dtype=torch.long, device=self.device)
+            if hasattr(self, k):
+                new[:self.rows] = getattr(self, k)
+            setattr(self, k, new)
         self.rows = n
 
     @property
     def nbytes(self) -> int:
-        return sum(getattr(self, k).numel() * getattr(self, k).element_size()
-                   for k in ("pool_w", "down_w", "down_b", "rat_num", "rat_den", "up_w", "up_b"))
+        return sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in self.WEIGHTS)
 
     def ensure(self, adapters: dict[int, tuple[str, str]]) -> dict[int, int]:
         """Make every adapter of this step resident. adapters: int_id -> (name, path).
@@ -103,7 +100,7 @@ class AdapterCache:
         cols = config.target_columns()
         slot_cols = lay.columns()
         with torch.no_grad():
-            for k in ("pool_w", "down_w", "down_b", "rat_num", "rat_den", "up_w", "up_b"):
+            for k in self.WEIGHTS:
                 getattr(self, k)[:, row].zero_()
             for l in range(L):
                 g = lambda name: tensors[f"generators.{l}.{name}"].to(self.device, self.dtype)

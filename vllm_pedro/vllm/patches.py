@@ -65,6 +65,37 @@ def patch_async_llm_pedro_requests() -> None:
     AsyncLLM.add_request = add_request
 
 
+def patch_beam_search_refuses_pedro() -> None:
+    """vLLM 0.32.x (BeamSearchOnlineMixin.beam_search of
+    vllm/entrypoints/generate/beam_search/online.py, 0.32.0): online beam search runs
+    every beam step as a new request whose prompt is the prompt plus the beam so far, so
+    a PEDRO tenant would get vectors computed from that longer prompt at every step,
+    which is not the adapter's function. Refuse it with a clear error instead (the
+    offline LLM.beam_search takes no PEDRO adapter at all)."""
+    import inspect
+
+    from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
+
+    original = BeamSearchOnlineMixin.beam_search
+    if getattr(original, "_pedro_wrapped", False):
+        return
+    signature = inspect.signature(original)
+
+    async def beam_search(self, *args, **kwargs):
+        from .serving import is_pedro
+
+        lora = signature.bind(self, *args, **kwargs).arguments.get("lora_request")
+        if is_pedro(lora):
+            raise ValueError(f"PEDRO adapter {lora.lora_name!r}: beam search is not supported with PEDRO "
+                             "adapters (use greedy or sampling)")
+        async for out in original(self, *args, **kwargs):
+            yield out
+
+    beam_search._pedro_wrapped = True
+    beam_search.__wrapped__ = original
+    BeamSearchOnlineMixin.beam_search = beam_search
+
+
 def patch_engine_args_pedro_flags() -> None:
     """vLLM 0.32.x (EngineArgs.add_cli_args / from_cli_args of vllm/engine/arg_utils.py,
     0.32.0): the PEDRO flags (--enable-pedro, --pedro-modules, ...) in every parser vLLM
@@ -101,6 +132,7 @@ def patch_engine_args_pedro_flags() -> None:
 
 
 PATCHES = {"llm_alias": patch_llm_alias, "async_llm_pedro_requests": patch_async_llm_pedro_requests,
+           "beam_search_refuses_pedro": patch_beam_search_refuses_pedro,
            "engine_args_pedro_flags": patch_engine_args_pedro_flags}
 
 
