@@ -482,6 +482,7 @@ def summarize(out_dir, json_paths, variants, args, model_dir, shapes) -> dict:
             row["complete"] = all(r.get("complete") for r in rs)
             row["best_dev_loss"] = _stats([(r.get("train") or {}).get("best_dev_loss") for r in rs])
             row["train_s"] = _stats([(r.get("train") or {}).get("wall_time_s") for r in rs])
+            row["data_counts"] = rs[0]["data"]["counts"]
             rows.append(row)
     summary = {"model": model_dir, "shapes": shapes.__dict__, "tiny": args.tiny, "steps": args.steps,
                "batch_size": args.batch_size, "seeds": args.seeds, "lr": {**DEFAULT_LR, **args.lr},
@@ -511,20 +512,38 @@ def write_markdown(path: str, summary: dict) -> None:
              "Scores x100, median over seeds (min-max). `hf`: transformers generation, `vllm`: the vLLM "
              "plugin (greedy). Agreement: test prompts whose vLLM tokens equal the transformers tokens.", ""]
     for task_name in dict.fromkeys(r["task"] for r in summary["rows"]):
-        metrics = tasks.get_task(task_name).metrics
+        spec = tasks.get_task(task_name)
+        metrics = spec.metrics
+        task_rows = [r for r in summary["rows"] if r["task"] == task_name]
+        counts = task_rows[0].get("data_counts") or {}
         lines += [f"## {task_name}", "",
+                  "examples: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "; primary metric: "
+                  f"{PRIMARY[spec.kind]}; `PEDRO - LoRA`: median PEDRO ({PRIMARY[spec.kind]}, vLLM) minus the "
+                  "median of the LoRA it is matched to; `train s`: median training wall time per run.", "",
                   "| variant | rank | trainable params | vs LoRA | " + " | ".join(
-                      f"{m} hf | {m} vllm" for m in metrics) + " | vLLM = HF | best dev loss |",
-                  "|---|---|---|---|" + "---|---|" * len(metrics) + "---|---|"]
-        for row in [r for r in summary["rows"] if r["task"] == task_name]:
+                      f"{m} hf | {m} vllm" for m in metrics) + " | PEDRO - LoRA | vLLM = HF | best dev loss | train s |",
+                  "|---|---|---|---|" + "---|---|" * len(metrics) + "---|---|---|---|"]
+        by_name = {r["variant"]: r for r in task_rows}
+
+        def primary(row):
+            m = row["metrics"][PRIMARY[spec.kind]]
+            s_ = m["vllm"] if row["method"] == "pedro" and m["vllm"] else m["hf"]
+            return s_["median"] if s_ else None
+
+        for row in task_rows:
             rank = row["r"] if row["method"] == "pedro" else row["lora_r"]
             ratio = f"{row['param_ratio']:.2f}x" if row.get("param_ratio") else "-"
             ag = row.get("agreement")
             cells = [row["variant"] + ("" if row.get("complete", True) else " (incomplete)"), str(rank or "-"), f"{row['trainable_params']:,}", ratio]
             for m in metrics:
                 cells += [_fmt(row["metrics"][m]["hf"]), _fmt(row["metrics"][m]["vllm"])]
-            cells += [f"{ag['identical']}/{ag['n']}" if ag else "-",
-                      f"{row['best_dev_loss']['median']:.3f}" if row.get("best_dev_loss") else "-"]
+            matched = by_name.get(row["variant"].partition("~")[2]) if row["method"] == "pedro" else None
+            gap = "-"
+            if matched and primary(row) is not None and primary(matched) is not None:
+                gap = f"{primary(row) - primary(matched):+.1f}"
+            cells += [gap, f"{ag['identical']}/{ag['n']}" if ag else "-",
+                      f"{row['best_dev_loss']['median']:.3f}" if row.get("best_dev_loss") else "-",
+                      f"{row['train_s']['median']:.0f}" if row.get("train_s") else "-"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     with open(path, "w") as f:
