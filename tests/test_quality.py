@@ -210,6 +210,15 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert (out / "summary.md").read_text().count("pedro~lora-r4") == 2
     assert (out / "quality.png").stat().st_size > 1000
     assert json.loads((out / "summary.json").read_text())["rows"]
+    # The majority-class floor, recomputed from the split files.
+    maj = summary["majority_baseline"]
+    assert maj["gem/e2e_nlg"] is None
+    train = [json.loads(x)["label"] for x in (work / "data" / "strategyqa" / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(x)["label"] for x in (work / "data" / "strategyqa" / "test.jsonl").read_text().splitlines()]
+    top = maj["strategyqa"]["label"]
+    assert train.count(top) == max(train.count(x) for x in train)
+    assert maj["strategyqa"]["accuracy"] == pytest.approx(100.0 * test.count(top) / len(test))
+    assert f"({top!r}) scores" in (out / "summary.md").read_text()
     # A second call finds every run done and only rebuilds the summary.
     again = run.run_study(args)
     assert [r["variant"] for r in again["rows"]] == [r["variant"] for r in summary["rows"]]

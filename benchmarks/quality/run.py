@@ -427,7 +427,7 @@ def run_study(args) -> dict:
         finally:
             ev.close()
 
-    summary = summarize(out_dir, [r["json"] for r in runs], variants, args, model_dir, shapes)
+    summary = summarize(out_dir, [r["json"] for r in runs], variants, args, model_dir, shapes, metas)
     summary["wall_time_s"] = time.perf_counter() - t0
     write_json(os.path.join(out_dir, "summary.json"), summary)
     log(f"done in {summary['wall_time_s']:.0f}s: {os.path.join(out_dir, 'summary.md')}")
@@ -452,7 +452,22 @@ def _stats(vals):
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals), "values": vals}
 
 
-def summarize(out_dir, json_paths, variants, args, model_dir, shapes) -> dict:
+def majority_baseline(meta: dict) -> dict | None:
+    """Classification: the test accuracy (x100) of always answering the most frequent
+    training label, the floor a trained adapter has to beat."""
+    from collections import Counter
+
+    from vllm_pedro import tasks
+
+    if meta.get("kind") != "classification":
+        return None
+    train = Counter(r["label"] for r in tasks.read_records(meta["paths"]["train"]))
+    label = train.most_common(1)[0][0]
+    test = [r["label"] for r in tasks.read_records(meta["paths"]["test"])]
+    return {"label": label, "accuracy": 100.0 * sum(t == label for t in test) / len(test)}
+
+
+def summarize(out_dir, json_paths, variants, args, model_dir, shapes, metas=None) -> dict:
     from vllm_pedro import tasks
 
     results = []
@@ -486,7 +501,9 @@ def summarize(out_dir, json_paths, variants, args, model_dir, shapes) -> dict:
             rows.append(row)
     summary = {"model": model_dir, "shapes": shapes.__dict__, "tiny": args.tiny, "steps": args.steps,
                "batch_size": args.batch_size, "seeds": args.seeds, "lr": {**DEFAULT_LR, **args.lr},
-               "rows": rows}
+               "rows": rows,
+               "majority_baseline": {t: majority_baseline(m) for t, m in (metas or {}).items()}}
+    os.makedirs(out_dir, exist_ok=True)
     write_markdown(os.path.join(out_dir, "summary.md"), summary)
     try:
         plot(os.path.join(out_dir, "quality.png"), summary)
@@ -519,7 +536,10 @@ def write_markdown(path: str, summary: dict) -> None:
         lines += [f"## {task_name}", "",
                   "examples: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "; primary metric: "
                   f"{PRIMARY[spec.kind]}; `PEDRO - LoRA`: median PEDRO ({PRIMARY[spec.kind]}, vLLM) minus the "
-                  "median of the LoRA it is matched to; `train s`: median training wall time per run.", "",
+                  "median of the LoRA it is matched to; `train s`: median training wall time per run." + (
+                      f" Always answering the most frequent training label ({maj['label']!r}) scores "
+                      f"{maj['accuracy']:.1f}." if (maj := summary.get("majority_baseline", {}).get(task_name)) else ""),
+                  "",
                   "| variant | rank | trainable params | vs LoRA | " + " | ".join(
                       f"{m} hf | {m} vllm" for m in metrics) + " | PEDRO - LoRA | vLLM = HF | best dev loss | train s |",
                   "|---|---|---|---|" + "---|---|" * len(metrics) + "---|---|---|---|"]
