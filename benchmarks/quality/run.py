@@ -601,6 +601,11 @@ def plot(path: str, summary: dict) -> None:
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         ax.set_ylim(0, max([1.0] + [m_ + h for m_, h in zip(med, hi)]) * 1.15)
+        maj = (summary.get("majority_baseline") or {}).get(t)
+        if maj and m == "accuracy":
+            ax.axhline(maj["accuracy"], color="black", linestyle="--", linewidth=0.8,
+                       label=f"always {maj['label']!r}")
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_title(f"{t}: {m}", fontsize=9)
     fig.suptitle("median over seeds (bars: min-max; PEDRO scored from vLLM generations)", fontsize=9)
     fig.tight_layout()
