@@ -26,15 +26,15 @@ COMMON = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "256", "--
           "--no-enable-chunked-prefill", "--no-enable-prefix-caching"]
 
 
-def server_args(method: str, tenants: dict[str, str], rank: int) -> tuple[dict, list[str]]:
+def server_args(method: str, tenants: dict[str, str], rank: int) -> list[str]:
     mods = [f"{n}={p}" for n, p in tenants.items()]
     if method == "pedro":
-        return {}, ["--enable-pedro", "--pedro-modules", *mods, "--max-pedro-adapters", str(len(mods)),
-                    "--max-pedro-rank", str(rank)]
+        return ["--enable-pedro", "--pedro-modules", *mods, "--max-pedro-adapters", str(len(mods)),
+                "--max-pedro-rank", str(rank)]
     if method == "lora":
-        return {}, ["--enable-lora", "--lora-modules", *mods, "--max-loras", str(len(mods)),
-                    "--max-lora-rank", str(rank)]
-    return {}, []
+        return ["--enable-lora", "--lora-modules", *mods, "--max-loras", str(len(mods)),
+                "--max-lora-rank", str(rank)]
+    return []
 
 
 def start(model: str, port: int, extra: list[str], log):
@@ -78,18 +78,18 @@ def main() -> int:
     from multi_tenant_throughput import make_lora_adapters
 
     from vllm_pedro.demo import free_port, stop_server, wait_ready
-    from vllm_pedro.tiny import build_random_adapter, build_tiny_model
+    from vllm_pedro.tiny import build_random_adapters, build_tiny_model
 
     work = tempfile.mkdtemp(prefix="pedro-serve-bench-")
     model = build_tiny_model(os.path.join(work, "tiny-llama"))
     names = [f"tenant-{i}" for i in range(args.num_tenants)]
-    adapters = {"pedro": {n: build_random_adapter(model, os.path.join(work, n), seed=i, r=args.rank)
-                          for i, n in enumerate(names)},
+    pedro_dirs = build_random_adapters(model, {i: os.path.join(work, n) for i, n in enumerate(names)}, r=args.rank)
+    adapters = {"pedro": dict(zip(names, pedro_dirs)),
                 "lora": dict(zip(names, make_lora_adapters(model, args.num_tenants, args.rank, "qv", work, args.seed)))}
     results = {}
     for method in args.methods:
         port = free_port()
-        _, extra = server_args(method, adapters.get(method, {}), args.rank)
+        extra = server_args(method, adapters.get(method, {}), args.rank)
         with open(os.path.join(work, f"{method}.log"), "w") as log:
             proc = start(model, port, extra, log)
             try:
