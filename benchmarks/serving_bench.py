@@ -40,7 +40,7 @@ def server_args(method: str, tenants: dict[str, str], rank: int) -> list[str]:
 def start(model: str, port: int, extra: list[str], log):
     import subprocess
 
-    from vllm_pedro.demo import server_env
+    from vllm_pedro.testing import server_env
     cmd = [sys.executable, "-m", "vllm_pedro.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
            *COMMON, *extra]
     return subprocess.Popen(cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -75,10 +75,10 @@ def main() -> int:
     ap.add_argument("--output-json", default="benchmarks/results/serving_tiny_cpu.json")
     args = ap.parse_args()
 
-    from multi_tenant_throughput import make_lora_adapters
+    from vllm_pedro.tools.bench import make_lora_adapters
 
-    from vllm_pedro.demo import free_port, stop_server, wait_ready
-    from vllm_pedro.tiny import build_random_adapters, build_tiny_model
+    from vllm_pedro.testing import free_port, stop_server, wait_ready
+    from vllm_pedro.testing import build_random_adapters, build_tiny_model
 
     work = tempfile.mkdtemp(prefix="pedro-serve-bench-")
     model = build_tiny_model(os.path.join(work, "tiny-llama"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_pedro.tiny import build_tiny_model
+from vllm_pedro.testing import build_tiny_model
 
 
 @pytest.fixture(scope="session")

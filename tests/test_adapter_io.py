@@ -16,7 +16,7 @@ from vllm_pedro import AdapterError, PedroConfig, PedroModel, get_pedro_model
 from vllm_pedro.adapter_io import expected_tensor_shapes, load_adapter, save_adapter, validate_tensors
 from vllm_pedro.config import CONFIG_NAME, WEIGHTS_NAME, BaseShapes
 from vllm_pedro.hf.model import base_shapes_of
-from vllm_pedro.tiny import build_random_adapters, randomize_generators
+from vllm_pedro.testing import build_random_adapters, randomize_generators
 
 FIRST_ID = 5
 
@@ -200,7 +200,7 @@ def test_missing_unexpected_and_integer_tensors_are_refused(saved, llama):
     t = dict(tensors)
     t["generators.0.down.bias"] = torch.zeros_like(t["generators.0.down.bias"], dtype=torch.int32)
     rewrite(directory, t)
-    refuse(directory, llama, "'generators.0.down.bias'", "floating point")
+    refuse(directory, llama, "'generators.0.down.bias'", "dtype 'I32'", "float32, float16 or bfloat16")
 
 
 @pytest.mark.parametrize("corruption", ["garbage", "truncated", "empty", "header"])

@@ -51,11 +51,7 @@ def test_multi_tenant_throughput_end_to_end(tmp_path):
 
 
 def test_assignment_spreads_over_every_tenant():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import multi_tenant_throughput as mtt
-    finally:
-        sys.path.pop(0)
+    from vllm_pedro.tools import bench as mtt
     rr = mtt.assignment("round-robin", 10, 4, 0)
     assert rr == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
     rnd = mtt.assignment("random", 64, 4, 0)

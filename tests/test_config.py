@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from vllm_pedro.adapter_io import load_config
 from vllm_pedro.config import (ACTIVATIONS, CONFIG_NAME, POOLERS, TARGETS, AdapterError, BaseShapes,
                                PedroConfig)
 
@@ -59,7 +60,7 @@ def test_json_round_trip_is_exact(tmp_path, seed):
     on_disk = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert on_disk == c.to_dict()
     assert isinstance(on_disk["targets"], list) and isinstance(on_disk["base_shapes"], dict)
-    back = PedroConfig.load(str(tmp_path))
+    back = load_config(str(tmp_path))
     assert back == c
     assert isinstance(back.base_shapes, BaseShapes) and isinstance(back.targets, tuple)
     assert PedroConfig.from_dict(c.to_dict()) == c
@@ -104,13 +105,13 @@ def test_malformed_base_shapes_is_an_adapter_error():
 
 def test_load_refuses_missing_file_bad_json_and_non_object(tmp_path):
     with pytest.raises(AdapterError, match=f"missing {CONFIG_NAME}"):
-        PedroConfig.load(str(tmp_path))
+        load_config(str(tmp_path))
     (tmp_path / CONFIG_NAME).write_text('{"r": 4,')
     with pytest.raises(AdapterError, match="not valid JSON"):
-        PedroConfig.load(str(tmp_path))
+        load_config(str(tmp_path))
     (tmp_path / CONFIG_NAME).write_text("[1, 2]")
     with pytest.raises(AdapterError, match="JSON object"):
-        PedroConfig.load(str(tmp_path))
+        load_config(str(tmp_path))
 
 
 @pytest.mark.parametrize("shapes", [[2, 64], {"num_layers": 0, "hidden_size": 8, "q_size": 8, "kv_size": 8,

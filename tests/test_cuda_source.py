@@ -114,7 +114,7 @@ def test_schemas_match_python_wrappers(monkeypatch):
 
     gen = torch.Generator().manual_seed(0)
     vec = torch.randn(3, 40, generator=gen)
-    slots = torch.tensor([2, -1, 0, 1], dtype=torch.int32)
+    slots = torch.tensor([2, 1, 0, 1], dtype=torch.int32)
     qkv = torch.randn(4, 24, generator=gen)
     want = qkv.clone()
     reference.scale_qkv_(want, vec, slots, 8, 8, 1, -1, 20)

@@ -1,4 +1,4 @@
-"""vllm_pedro.models offline: the GGUF -> transformers conversion (on a tiny GGUF written
+"""vllm_pedro.tools.models offline: the GGUF -> transformers conversion (on a tiny GGUF written
 here with the gguf package from a tiny random Llama), the config / tokenizer fix-ups, the
 checksum and the no-network error paths. Nothing here reaches a network."""
 
@@ -12,8 +12,8 @@ import zipfile
 import pytest
 import torch
 
-from vllm_pedro import models
-from vllm_pedro.models import ModelFetchError, ModelSource
+from vllm_pedro.tools import models
+from vllm_pedro.tools.models import ModelFetchError, ModelSource
 
 # -- a tiny GGUF ------------------------------------------------------------------------------
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -44,8 +44,6 @@ def oracle_scale(x, vectors, slots, ranges):
     out = x.clone()
     for t in range(x.shape[0]):
         s = int(slots[t])
-        if s < 0:
-            continue
         for start, size, col in ranges:
             if col >= 0 and size > 0:
                 prod = x[t, start:start + size].float() * vectors[s, col:col + size].float()
@@ -53,33 +51,49 @@ def oracle_scale(x, vectors, slots, ranges):
     return out
 
 
-def oracle_silu(gate_up, vectors, slots, col):
+def oracle_silu(gate_up, vectors, slots, col, transformers_order=False):
+    """silu(gate) * up * v per token. GPU kernels: fp32 math, one rounding. The torch
+    reference (transformers_order): the transformers model's order, U' = up * v rounded to
+    the dtype, then silu(gate) and the product each rounded, so l_u = 1 is vLLM's native
+    SiluAndMul bit for bit."""
     T, D = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty(T, D, dtype=gate_up.dtype)
+    dt = gate_up.dtype
+    out = torch.empty(T, D, dtype=dt)
     for t in range(T):
         g, u = gate_up[t, :D].float(), gate_up[t, D:].float()
-        y = g / (1 + torch.exp(-g)) * u
         s = int(slots[t])
-        if s >= 0 and col >= 0:
+        if transformers_order:
+            if col >= 0:
+                u = (u * vectors[s, col:col + D].float()).to(dt).float()
+            silu = (g / (1 + torch.exp(-g))).to(dt).float()
+            out[t] = (silu * u).to(dt)
+            continue
+        y = g / (1 + torch.exp(-g)) * u
+        if col >= 0:
             y = y * vectors[s, col:col + D].float()
-        out[t] = y.to(gate_up.dtype)
+        out[t] = y.to(dt)
     return out
 
 
 # ---- inputs ----
 
+ONES = S - 1  # the row of ones that base-model tokens point at
+
+
 def make_slots(T, gen, dtype=torch.int32, extra=4):
-    """T live entries with -1 mixed in, then a tail the ops must not read (out of range)."""
-    live = torch.randint(-1, S, (T,), generator=gen)
+    """T live entries (the ones row mixed in), then a tail the ops must not read (out of range)."""
+    live = torch.randint(0, S, (T,), generator=gen)
     if T >= 2:
-        live[0], live[1] = -1, S - 1
+        live[0], live[1] = ONES, 0
     tail = torch.full((extra,), S + 100)
     return torch.cat([live, tail]).to(dtype)
 
 
 def make_vectors(width, dtype, gen, device="cpu"):
-    """[S, width] view of a bigger [S, 3, width] buffer: row stride 3*width, not contiguous."""
+    """[S, width] view of a bigger [S, 3, width] buffer: row stride 3*width, not contiguous.
+    Row ONES is all ones."""
     big = (1 + 0.5 * torch.randn(S, 3, width, generator=gen)).to(dtype).to(device)
+    big[ONES] = 1
     return big[:, 1, :]
 
 
@@ -116,8 +130,8 @@ def test_scale(backend, dtype, width):
     ops.scale_(x, vectors, slots, col)
     check(x, expected, dtype, backend, exact=True)
     assert torch.equal(buf[:, width:], before[:, width:])
-    for t in range(T):
-        if slots[t] < 0:
+    for t in range(T):  # base-model tokens: bit-identical
+        if slots[t] == ONES:
             assert torch.equal(buf[t], before[t])
 
 
@@ -158,7 +172,8 @@ def test_silu_and_mul_scaled(backend, dtype, width):
     vectors = make_vectors(col + width, dtype, gen)
     slots = make_slots(T, gen, torch.int64 if width % 2 else torch.int32)
     gate_up = (2 * torch.randn(T, 2 * width, generator=gen)).to(dtype)
-    expected = oracle_silu(gate_up, vectors, slots, col)
+    order = backend == "torch"
+    expected = oracle_silu(gate_up, vectors, slots, col, order)
     # Given out: strided and poisoned, so every element must be written and the pad kept.
     buf = torch.full((T, width + 3), float("nan"), dtype=dtype)
     out = buf[:, :width]
@@ -170,7 +185,7 @@ def test_silu_and_mul_scaled(backend, dtype, width):
     check(ops.silu_and_mul_scaled(gate_up, vectors, slots, col), expected, dtype, backend, False)
     # col < 0: plain SiluAndMul for every token.
     check(ops.silu_and_mul_scaled(gate_up, vectors, slots, -1),
-          oracle_silu(gate_up, vectors, slots, -1), dtype, backend, False)
+          oracle_silu(gate_up, vectors, slots, -1, order), dtype, backend, False)
 
 
 def test_empty_batch(backend):
@@ -183,15 +198,24 @@ def test_empty_batch(backend):
         assert out.shape == (0, 16) and out.dtype == dtype
 
 
-def test_no_slots_all_base(backend):
-    """S = 0 (no adapter request in the batch): every token is a base token."""
-    x = torch.randn(3, 10)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_base_tokens_keep_their_bits(backend, dtype):
+    """No adapter request in the batch: every token points at the row of ones, and every
+    op leaves it exactly as the base model computes it."""
+    gen = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(6, 40, generator=gen)).to(dtype)
     before = x.clone()
-    slots = torch.full((3,), -1, dtype=torch.int32)
-    ops.scale_(x, torch.empty(0, 10), slots, 0)
+    ones = torch.ones(1, 60, dtype=dtype)
+    slots = torch.zeros(6, dtype=torch.int32)
+    ops.scale_(x, ones, slots, 20)
+    ops.scale_qkv_(x, ones, slots, 20, 10, 0, 20, 40)
     assert torch.equal(x, before)
-    out = ops.silu_and_mul_scaled(torch.randn(3, 20), torch.empty(0, 10), slots, 0)
-    assert out.shape == (3, 10)
+    gate_up = (3 * torch.randn(6, 40, generator=gen)).to(dtype)
+    plain = ops.silu_and_mul_scaled(gate_up, ones, slots, -1)
+    assert torch.equal(ops.silu_and_mul_scaled(gate_up, ones, slots, 0), plain)
+    if backend == "torch":  # vLLM's native SiluAndMul on the CPU, bit for bit
+        d = 20
+        assert torch.equal(plain, torch.nn.functional.silu(gate_up[:, :d]) * gate_up[:, d:])
 
 
 def test_validation():

@@ -22,7 +22,7 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from vllm_pedro.demo import (build_demo, free_port, group_alive, make_demo_adapter, server_env, start_server,
+from vllm_pedro.testing import (build_demo, free_port, group_alive, make_demo_adapter, server_env, start_server,
                              stop_server, wait_ready)
 
 PROMPTS = ["The quick brown fox", "name: Alpha, food: Italian, area:"]
@@ -73,7 +73,7 @@ def setup(tmp_path_factory):
     broken.mkdir()
     shutil.copy(os.path.join(tenant_c, "adapter_config.json"), broken / "adapter_config.json")
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    from vllm_pedro.tiny import build_tiny_model
+    from vllm_pedro.testing import build_tiny_model
     other_model = build_tiny_model(str(work / "other-base"), hidden_size=64, num_heads=2, num_kv_heads=1,
                                    intermediate_size=96)
     make_demo_adapter(other_model, str(root / "other-base"), seed=4)
@@ -227,15 +227,19 @@ def test_runtime_load_refusals(setup, client):
 
 def unload_during_requests(setup, client, jobs):
     """Start `jobs` [(reference key, model)] as long streaming requests, unload tenant-c as
-    soon as the first tenant-c token arrives; return (texts, whether some tenant-c request
-    was still streaming after the unload returned)."""
+    soon as every tenant-c request was admitted (its response headers arrived: the server
+    accepted the name) and the first tenant-c token arrived; return (texts, whether some
+    tenant-c request was still streaming after the unload returned)."""
     started = threading.Event()
+    admitted = threading.Semaphore(0)
     results, errors, last_chunk = {}, {}, {}
 
     def run(i, key, model):
         try:
             stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=LONG_TOKENS, temperature=0,
                                                stream=True, extra_body={"ignore_eos": True})
+            if key == "tenant-c":
+                admitted.release()
             text = []
             for chunk in stream:
                 if chunk.choices:
@@ -252,6 +256,8 @@ def unload_during_requests(setup, client, jobs):
     threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
     for t in threads:
         t.start()
+    for _ in range(sum(key == "tenant-c" for key, _ in jobs)):
+        assert admitted.acquire(timeout=120)
     assert started.wait(120)
     r = unload(setup, "tenant-c")
     unloaded_at = time.monotonic()
@@ -320,7 +326,8 @@ def test_path_under_roots(tmp_path):
 
 
 def test_serve_flags(tmp_path):
-    from vllm_pedro.vllm.cli_serve import apply_pedro_args, make_serve_parser
+    from vllm_pedro.vllm.args import apply_cli_args as apply_pedro_args
+    from vllm_pedro.vllm.server import make_serve_parser
 
     parser = make_serve_parser()
     args = parser.parse_args(["m", "--enable-pedro", "--pedro-modules", "a=/x",
@@ -329,14 +336,18 @@ def test_serve_flags(tmp_path):
     pargs = apply_pedro_args(args, device="cpu")
     assert [(m.name, m.path, m.base_model_name) for m in pargs.modules] == [("a", "/x", None), ("b", "/y", "m")]
     assert args.model == "m" and args.enable_chunked_prefill is False
-    assert args.worker_cls.endswith("PedroCPUWorker")
+    assert args.worker_cls.endswith("PedroCPUWorker") and args.scheduler_cls.endswith("PedroScheduler")
     assert args.additional_config["other"] == 1
     assert args.additional_config["pedro"]["max_adapters"] == 3
     assert args.additional_config["pedro"]["targets"] == ["q", "v"]
     for bad in (["m", "--pedro-modules", "a=/x"],  # without --enable-pedro
                 ["m", "--enable-pedro", "--enable-chunked-prefill"],
                 ["m", "--enable-pedro", "--pedro-modules", "no-equals-sign"],
-                ["m", "--enable-pedro", "--pedro-targets", "k"]):
+                ["m", "--enable-pedro", "--pedro-targets", "q", "o"],  # never silently dropped
+                ["m", "--enable-pedro", "--worker-cls", "my.Worker"],
+                ["m", "--enable-pedro", "--scheduler-cls", "my.Scheduler"],
+                ["m", "--enable-pedro", "--max-pedro-adapters", "8", "--max-cpu-pedro-adapters", "4"],
+                ["m", "--pedro-adapter-dir", "/x"]):
         with pytest.raises(ValueError):
             apply_pedro_args(parser.parse_args(bad), device="cpu")
     assert apply_pedro_args(parser.parse_args(["m"]), device="cpu") is None
@@ -371,44 +382,17 @@ def test_vllm_parsers_get_the_pedro_flags():
     assert engine_args.additional_config["pedro"]["max_rank"] == 8
     assert engine_args.additional_config["pedro"]["modules"][0]["name"] == "a"
     assert engine_args.enable_chunked_prefill is False and engine_args.worker_cls.endswith("PedroCPUWorker")
+    assert engine_args.scheduler_cls.endswith("PedroScheduler")
     plain = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"]))
     assert "pedro" not in (plain.additional_config or {})
 
 
 def test_bad_static_adapter_fails_before_the_engine_starts(setup):
-    from vllm_pedro.vllm.cli_serve import apply_pedro_args, check_modules_early, make_serve_parser
+    from vllm_pedro.vllm.args import apply_cli_args as apply_pedro_args
+    from vllm_pedro.vllm.server import check_modules_early, make_serve_parser
 
     args = make_serve_parser().parse_args([setup["model"], "--enable-pedro", "--pedro-modules",
                                            f"a={setup['adapters']['tenant-a']}",
                                            f"bad={setup['root'] / 'other-base'}"])
     with pytest.raises(ValueError, match="bad=.*another base model"):
         check_modules_early(args, apply_pedro_args(args, device="cpu"))
-
-
-def test_vllm_serving_internals_we_rely_on():
-    """Fails loudly, naming the hook, when a vLLM upgrade moves what serving.py and
-    cli_serve.py build on (vLLM 0.32.x)."""
-    import inspect
-
-    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-    from vllm.entrypoints.launchers.app import build_app
-    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-    from vllm.entrypoints.serve.engine.serving import BaseServing
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    from vllm_pedro.vllm import patches
-
-    patches.apply_all()
-    add_request = getattr(AsyncLLM.add_request, "__wrapped__", AsyncLLM.add_request)
-    assert {"prompt", "params", "lora_request"} <= set(inspect.signature(add_request).parameters), \
-        "AsyncLLM.add_request changed: patches.patch_async_llm_pedro_requests rewrites its arguments"
-    assert getattr(AsyncLLM.add_request, "_pedro_wrapped", False)
-    for fn, needle in [(BaseServing._maybe_get_adapters, "self.models.lora_requests"),
-                       (BaseServing._check_model, "self.models.lora_requests"),
-                       (OpenAIServingModels.show_available_models, "self.lora_requests"),
-                       (OpenAIServingModels.model_name, "lora_request.lora_name")]:
-        assert needle in inspect.getsource(fn), \
-            f"{fn.__qualname__} no longer reads {needle}: PEDRO adapters ride vLLM's LoRA routing"
-    assert list(inspect.signature(build_app).parameters)[:3] == ["args", "supported_tasks", "model_config"]
-    assert list(inspect.signature(init_app_state).parameters)[:4] == ["engine_client", "state", "args",
-                                                                      "supported_tasks"]

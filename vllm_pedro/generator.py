@@ -1,18 +1,25 @@
-"""The PEDRO vector generator in pure torch: poolers, the rational activation, and
-`VectorGenerator`, one per decoder layer.
+"""The PEDRO vector generator in pure torch: poolers, the rational activation, and one
+batched forward, `generate_vectors`, that runs the generators of many adapters (rows of a
+`StackedGenerators`) over many prompts at once.
 
 Everything works on *ragged segments*: hidden states of many prompts flattened into
-[N, d] plus a segment id per token. The transformers reference and the vLLM plugin
-both call these functions, so the two cannot drift apart.
+[N, d] plus a segment id per token. The transformers reference (`VectorGenerator`, one
+adapter: one row) and the vLLM plugin's device adapter cache (one row per resident
+adapter) both call `generate_vectors`; there is no second copy of the math.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-POOLER_CODES = {"attention": 0, "mean": 1, "last": 2}
+from .config import ACTIVATIONS, POOLERS
+
+POOLER_CODES = {p: i for i, p in enumerate(POOLERS)}
+ACTIVATION_CODES = {a: i for i, a in enumerate(ACTIVATIONS)}
 
 # Safe Pade activation unit (Molina et al., 2020, "version D"):
 #   R(x) = (a0 + a1 x + ... + a6 x^6) / (1 + |b1||x| + ... + |b5||x|^5)
@@ -67,8 +74,64 @@ def segment_pool(h: torch.Tensor, seg: torch.Tensor, num_segments: int,
     return h.new_zeros(num_segments, d).index_add(0, seg, weights.unsqueeze(-1) * h)
 
 
+@dataclass
+class StackedGenerators:
+    """The generators of R adapters for one layer, one row each. A smaller rank r_i sits
+    in the first r_i of the r rank columns with zeros after it (exactly r_i's output);
+    a target an adapter lacks has W_up = b_up = 0 there (factor 1).
+
+    `poolers` and `activations` name the kinds present among the rows a call uses; they
+    are known on the host, so the forward runs only those branches and never syncs."""
+
+    down_w: torch.Tensor  # [R, r, d]
+    down_b: torch.Tensor  # [R, r]
+    up_w: torch.Tensor  # [R, out, r]
+    up_b: torch.Tensor  # [R, out]
+    pooler_code: torch.Tensor  # [R] int64, POOLER_CODES
+    act_code: torch.Tensor  # [R] int64, ACTIVATION_CODES
+    poolers: frozenset[str]
+    activations: frozenset[str]
+    pool_w: torch.Tensor | None = None  # [R, d], needed when "attention" in poolers
+    rat_num: torch.Tensor | None = None  # [R, 7], needed when "rational" in activations
+    rat_den: torch.Tensor | None = None  # [R, 5]
+
+
+def _activate(z: torch.Tensor, g: StackedGenerators, seg_row: torch.Tensor) -> torch.Tensor:
+    out = None
+    for name in sorted(g.activations):
+        if name == "rational":
+            y = rational(z, g.rat_num[seg_row].float(), g.rat_den[seg_row].float())
+        else:
+            y = FIXED_ACTIVATIONS[name](z)
+        if out is None:
+            out = y
+        else:
+            out = torch.where((g.act_code[seg_row] == ACTIVATION_CODES[name]).unsqueeze(1), y, out)
+    return out
+
+
+def generate_vectors(h: torch.Tensor, seg: torch.Tensor, seg_row: torch.Tensor,
+                     g: StackedGenerators) -> torch.Tensor:
+    """The vectors of S prompts, each through its own adapter's generator.
+
+    h: [N, d] prompt hidden states (any dtype; math in float32); seg: [N] int64 prompt
+    (segment) of each token; seg_row: [S] row of `g` for each prompt. Returns [S, out]
+    float32 vectors, 1 + delta. Every prompt reads only its own row: the attention pooler
+    scores each token against its own adapter's w, so the cost follows the prompts, not R."""
+    h = h.float()
+    num_segments = seg_row.shape[0]
+    scores = None
+    if "attention" in g.poolers:
+        scores = (h * g.pool_w[seg_row[seg]].float()).sum(-1)
+    pooled = segment_pool(h, seg, num_segments, g.pooler_code[seg_row], scores)
+    z = torch.einsum("sd,skd->sk", pooled, g.down_w[seg_row].float()) + g.down_b[seg_row].float()
+    a = _activate(z, g, seg_row)
+    return 1.0 + torch.einsum("sk,swk->sw", a, g.up_w[seg_row].float()) + g.up_b[seg_row].float()
+
+
 class VectorGenerator(nn.Module):
-    """G_l: prompt hidden states -> 1 + delta, the scaling vectors of one layer.
+    """G_l: prompt hidden states -> 1 + delta, the scaling vectors of one layer, for one
+    adapter (the transformers reference; training runs here).
 
     W_up and b_up start at zero, so a fresh generator emits all-ones vectors and the
     adapted model is exactly the base model."""
@@ -87,17 +150,20 @@ class VectorGenerator(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def act(self, z: torch.Tensor) -> torch.Tensor:
-        if self.activation == "rational":
-            return rational(z, self.rat_num.float(), self.rat_den.float())
-        return FIXED_ACTIVATIONS[self.activation](z)
+    def stacked(self) -> StackedGenerators:
+        """This generator as the one row of a StackedGenerators (views, gradients flow)."""
+        dev = self.down.weight.device
+        one = lambda p: None if p is None else p.unsqueeze(0)  # noqa: E731
+        return StackedGenerators(
+            down_w=one(self.down.weight), down_b=one(self.down.bias), up_w=one(self.up.weight),
+            up_b=one(self.up.bias), pool_w=one(getattr(self, "pool_w", None)),
+            rat_num=one(getattr(self, "rat_num", None)), rat_den=one(getattr(self, "rat_den", None)),
+            pooler_code=torch.tensor([POOLER_CODES[self.pooler]], device=dev),
+            act_code=torch.tensor([ACTIVATION_CODES[self.activation]], device=dev),
+            poolers=frozenset({self.pooler}), activations=frozenset({self.activation}))
 
     def forward(self, h: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.Tensor:
         """h: [N, d] prompt hidden states of all segments; seg: [N]. Returns [num_segments,
         out_size] vectors (1 + delta) in float32."""
-        h = h.float()
-        code = torch.full((num_segments,), POOLER_CODES[self.pooler], device=h.device)
-        scores = h @ self.pool_w.float() if self.pooler == "attention" else None
-        pooled = segment_pool(h, seg, num_segments, code, scores)
-        z = self.act(F.linear(pooled, self.down.weight.float(), self.down.bias.float()))
-        return 1.0 + F.linear(z, self.up.weight.float(), self.up.bias.float())
+        seg_row = torch.zeros(num_segments, dtype=torch.long, device=h.device)
+        return generate_vectors(h, seg, seg_row, self.stacked())

@@ -44,8 +44,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+for _p in (REPO, HERE):  # the package checkout, and tasks.py beside this script
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 DEFAULT_TASKS = ("gem/e2e_nlg", "multiemo/all_sentence_en", "strategyqa")
 DEFAULT_LR = {"pedro": 1e-3, "lora": 1e-3, "ia3": 3e-3}
@@ -94,11 +95,7 @@ def shapes_of_model_dir(model_dir: str):
 
     from vllm_pedro.config import BaseShapes
 
-    c = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    return BaseShapes(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
-                      q_size=c.num_attention_heads * head_dim, kv_size=kv * head_dim, ff_size=c.intermediate_size)
+    return BaseShapes.from_hf_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
 
 
 def build_variants(methods, lora_ranks, shapes, tolerance=0.2) -> list[dict]:
@@ -240,7 +237,7 @@ def log(msg: str) -> None:
 
 
 def prepare_data(args, work: str) -> dict[str, dict]:
-    from vllm_pedro import tasks
+    import tasks
 
     metas = {}
     for t in args.tasks:
@@ -278,7 +275,7 @@ def train_one(args, model_dir, meta, variant, seed, adapter_dir) -> dict:
 def run_study(args) -> dict:
     import torch
 
-    from vllm_pedro import tasks
+    import tasks
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -290,7 +287,7 @@ def run_study(args) -> dict:
     os.makedirs(work, exist_ok=True)
 
     if args.tiny:
-        from vllm_pedro.tiny import build_tiny_model
+        from vllm_pedro.testing import build_tiny_model
 
         model_dir = build_tiny_model(os.path.join(work, "tiny-model"), arch="llama", seed=0)
     else:
@@ -435,13 +432,13 @@ def run_study(args) -> dict:
 
 
 def resolve_model(name: str) -> str:
-    """A local model directory, or a model name vllm_pedro.models fetches (e.g. smollm2-135m)."""
+    """A local model directory, or a model name vllm_pedro.tools.models fetches (e.g. smollm2-135m)."""
     if os.path.isdir(name):
         return name
     try:
-        from vllm_pedro import models
+        from vllm_pedro.tools import models
     except ImportError as e:
-        raise SystemExit(f"--model {name!r} is not a directory and vllm_pedro.models is not available ({e})")
+        raise SystemExit(f"--model {name!r} is not a directory and vllm_pedro.tools.models is not available ({e})")
     return str(models.resolve_model(name))
 
 
@@ -457,7 +454,7 @@ def majority_baseline(meta: dict) -> dict | None:
     training label, the floor a trained adapter has to beat."""
     from collections import Counter
 
-    from vllm_pedro import tasks
+    import tasks
 
     if meta.get("kind") != "classification":
         return None
@@ -468,7 +465,7 @@ def majority_baseline(meta: dict) -> dict | None:
 
 
 def summarize(out_dir, json_paths, variants, args, model_dir, shapes, metas=None) -> dict:
-    from vllm_pedro import tasks
+    import tasks
 
     results = []
     for p in json_paths:
@@ -521,7 +518,7 @@ def _fmt(s):
 
 
 def write_markdown(path: str, summary: dict) -> None:
-    from vllm_pedro import tasks
+    import tasks
 
     lines = [f"# PEDRO vs LoRA vs IA3: quality ({'tiny synthetic smoke run' if summary['tiny'] else 'BIG-bench'})",
              "", f"Model: `{summary['model']}`; {summary['steps']} steps x batch {summary['batch_size']}; "
@@ -576,7 +573,7 @@ def plot(path: str, summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vllm_pedro import tasks
+    import tasks
 
     panels = [(t, m) for t in dict.fromkeys(r["task"] for r in summary["rows"]) for m in tasks.get_task(t).metrics]
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.5, 4.2 * len(panels)), 3.8), squeeze=False)
@@ -626,7 +623,7 @@ def _lr_overrides(values) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="local model directory (or a name vllm_pedro.models can fetch)")
+    p.add_argument("--model", help="local model directory (or a name vllm_pedro.tools.models can fetch)")
     p.add_argument("--tiny", action="store_true", help="tiny random model + synthetic BIG-bench-format data")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--methods", nargs="+", default=["base", "lora", "pedro", "ia3"],
@@ -674,7 +671,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.out is None:
         args.out = os.path.join(REPO, "benchmarks", "results", "quality", *(["tiny"] if args.tiny else []))
     if args.work_dir is None:
-        from vllm_pedro.tasks import default_cache_dir
+        from tasks import default_cache_dir
 
         args.work_dir = os.path.join(default_cache_dir(), "quality-tiny" if args.tiny else "quality")
     return args

@@ -33,11 +33,13 @@ def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def base_shapes_of(model: nn.Module) -> BaseShapes:
+    """The model's shapes from its config, after checking its module structure."""
     layers = find_decoder_layers(model)
-    attn, mlp = layers[0].self_attn, layers[0].mlp
-    return BaseShapes(num_layers=len(layers), hidden_size=attn.q_proj.in_features,
-                      q_size=attn.q_proj.out_features, kv_size=attn.v_proj.out_features,
-                      ff_size=mlp.up_proj.out_features)
+    shapes = BaseShapes.from_hf_config(model.config)
+    if shapes.num_layers != len(layers):
+        raise TypeError(f"{type(model).__name__} has {len(layers)} decoder layers but its config says "
+                        f"{shapes.num_layers}")
+    return shapes
 
 
 def base_model_name(model: nn.Module) -> str | None:

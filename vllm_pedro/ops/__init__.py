@@ -1,10 +1,16 @@
 """PEDRO gather-scale ops: one launch per layer and target over the whole batch.
 
-Each token t carries a slot index slot_idx[t] into a per-layer vector table
-vectors[S, W]; slot -1 is a base-model token and is left bit-identical. Backends:
-torch (reference, CPU), triton (main GPU path), cuda (csrc/ custom op). Choice:
-env VLLM_PEDRO_OPS_BACKEND in {torch, triton, cuda}, else auto: CPU tensors -> torch,
-CUDA tensors -> triton if importable, else the CUDA op, else torch (logged once).
+Each token t carries a slot index slot_idx[t], a row of the per-layer vector table
+vectors[S, W]; base-model tokens point at a row of ones and keep their exact bits. (The
+GPU kernels also skip a negative index without reading a vector; the torch reference
+does not accept one, it would need a mask.) Backends: torch (reference, CPU), triton
+(main GPU path), cuda (csrc/ custom op), one signature for all three.
+
+`backend(device)` resolves which one runs, once: env VLLM_PEDRO_OPS_BACKEND in {torch,
+triton, cuda}, else auto: CPU tensors -> torch, CUDA tensors -> triton if importable,
+else the CUDA op, else torch (logged once). The PEDRO runtime resolves it when it starts
+and calls the chosen functions directly; the module-level functions below check their
+arguments and resolve per call (tests, benchmarks).
 
 Checks here look at shapes, dtypes and devices only, never at values: no host sync,
 so the ops run under CUDA-graph capture with static buffers.
@@ -15,13 +21,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from . import cuda as _cuda
 from . import reference as _reference
 
-__all__ = ["scale_qkv_", "scale_", "silu_and_mul_scaled", "backend_name",
+__all__ = ["scale_qkv_", "scale_", "silu_and_mul_scaled", "backend", "backend_name", "Backend",
            "BackendUnavailableError", "ENV_BACKEND"]
 
 ENV_BACKEND = "VLLM_PEDRO_OPS_BACKEND"
@@ -94,13 +102,22 @@ def _resolve(device_type: str) -> str:
     return "torch"
 
 
-def _impl(device: torch.device):
-    name = _resolve(device.type)
-    if name == "torch":
-        return _reference
-    if name == "triton":
-        return _triton()[0]
-    return _cuda
+@dataclass(frozen=True)
+class Backend:
+    """The three ops of one backend, without argument checks: for callers whose buffers
+    are checked once (the PEDRO runtime)."""
+
+    name: str
+    scale_qkv_: Callable
+    scale_: Callable
+    silu_and_mul_scaled: Callable
+
+
+def backend(device) -> Backend:
+    """The backend for tensors on `device`, resolved now (reads VLLM_PEDRO_OPS_BACKEND)."""
+    name = _resolve(torch.device(device).type)
+    mod = _triton()[0] if name == "triton" else (_cuda if name == "cuda" else _reference)
+    return Backend(name, mod.scale_qkv_, mod.scale_, mod.silu_and_mul_scaled)
 
 
 def backend_name(device) -> str:
@@ -145,8 +162,8 @@ def _check_col(col: int, width: int, vectors, name: str) -> None:
 
 def scale_qkv_(qkv, vectors, slot_idx, q_size: int, kv_size: int,
                q_col: int, k_col: int, v_col: int) -> None:
-    """In place, one launch: qkv's q / k / v ranges *= vectors[slot, col:col+width] for each
-    range whose col >= 0, for tokens with slot >= 0."""
+    """In place, one launch: qkv's q / k / v ranges *= vectors[slot_idx[t], col:col+width]
+    for each range whose col >= 0."""
     _check(qkv, vectors, slot_idx, "qkv")
     if q_size < 0 or kv_size < 0 or qkv.shape[1] != q_size + 2 * kv_size:
         raise ValueError(f"qkv width {qkv.shape[1]} != q_size {q_size} + 2 * kv_size {kv_size}")
@@ -155,22 +172,22 @@ def scale_qkv_(qkv, vectors, slot_idx, q_size: int, kv_size: int,
     _check_col(v_col, kv_size, vectors, "v")
     if qkv.shape[0] == 0:
         return
-    _impl(qkv.device).scale_qkv_(qkv, vectors, slot_idx, q_size, kv_size, q_col, k_col, v_col)
+    backend(qkv.device).scale_qkv_(qkv, vectors, slot_idx, q_size, kv_size, q_col, k_col, v_col)
 
 
 def scale_(x, vectors, slot_idx, col: int) -> None:
-    """In place: x[t, :] *= vectors[slot_idx[t], col:col+D] for tokens with slot >= 0.
-    col < 0 (target not adapted, as in scale_qkv_): no-op."""
+    """In place: x[t, :] *= vectors[slot_idx[t], col:col+D]. col < 0 (target not adapted,
+    as in scale_qkv_): no-op."""
     _check(x, vectors, slot_idx, "x")
     _check_col(col, x.shape[1], vectors, "x")
     if x.shape[0] == 0:
         return
-    _impl(x.device).scale_(x, vectors, slot_idx, col)
+    backend(x.device).scale_(x, vectors, slot_idx, col)
 
 
 def silu_and_mul_scaled(gate_up, vectors, slot_idx, col: int, out=None) -> torch.Tensor:
-    """silu(gate) * up * vectors[slot, col:col+D], gate_up = [gate | up]. Factor 1 for
-    slot -1 tokens, and for all tokens when col < 0 (plain SiluAndMul)."""
+    """silu(gate) * up * vectors[slot_idx[t], col:col+D], gate_up = [gate | up]; factor 1
+    for every token when col < 0 (plain SiluAndMul)."""
     _check(gate_up, vectors, slot_idx, "gate_up")
     T, two_d = gate_up.shape
     if two_d % 2:
@@ -186,4 +203,4 @@ def silu_and_mul_scaled(gate_up, vectors, slot_idx, col: int, out=None) -> torch
                              f"gate_up {tuple(gate_up.shape)} {gate_up.dtype} {gate_up.device}")
     if T == 0:
         return out
-    return _impl(gate_up.device).silu_and_mul_scaled(gate_up, vectors, slot_idx, col, out)
+    return backend(gate_up.device).silu_and_mul_scaled(gate_up, vectors, slot_idx, col, out)

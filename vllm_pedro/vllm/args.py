@@ -1,9 +1,13 @@
-"""PEDRO's engine options. They travel inside vLLM's `additional_config["pedro"]`, the
-public place for plugin settings, so every process (front end, engine core, workers)
-sees the same values."""
+"""PEDRO's serving options: the dataclass every process reads, the command-line flags, and
+their translation into vLLM engine arguments.
+
+The options travel inside vLLM's `additional_config["pedro"]`, the public place for plugin
+settings, so the front end, the engine core (scheduler) and the workers see the same values.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -11,6 +15,8 @@ from dataclasses import dataclass, field
 from ..config import TARGETS
 
 ADDITIONAL_CONFIG_KEY = "pedro"
+SCHEDULER_CLS = "vllm_pedro.vllm.scheduler.PedroScheduler"
+WORKER_CLS = {"cpu": "vllm_pedro.vllm.worker.PedroCPUWorker", "cuda": "vllm_pedro.vllm.worker.PedroGPUWorker"}
 
 
 @dataclass
@@ -37,16 +43,26 @@ class PedroModule:
 
 @dataclass
 class PedroArgs:
-    max_adapters: int = 4
+    max_adapters: int = 4  # device adapter-cache rows: distinct adapters prefilled in one step
+    max_cpu_adapters: int | None = None  # host store; None: sized from memory at engine start
     max_rank: int = 16
     targets: tuple[str, ...] = ("q", "v", "up")
     modules: list[PedroModule] = field(default_factory=list)
+    adapter_dir: str | None = None  # tenants resolved by name: adapter_dir/NAME
 
     def __post_init__(self):
-        self.targets = tuple(t for t in TARGETS if t in self.targets)
+        targets = tuple(self.targets)
+        unknown = [t for t in targets if t not in TARGETS]
+        if unknown or not targets:
+            raise ValueError(f"PEDRO targets: unknown or no targets {unknown or list(targets)}; choose from "
+                             f"{' '.join(TARGETS)}")
+        self.targets = tuple(t for t in TARGETS if t in targets)
         self.modules = [m if isinstance(m, PedroModule) else PedroModule(**m) for m in self.modules]
         if self.max_adapters < 1:
             raise ValueError("max_pedro_adapters must be >= 1")
+        if self.max_cpu_adapters is not None and self.max_cpu_adapters < self.max_adapters:
+            raise ValueError(f"max_cpu_pedro_adapters ({self.max_cpu_adapters}) must be at least "
+                             f"max_pedro_adapters ({self.max_adapters}): the device cache is fed from the host store")
         if self.max_rank < 1:
             raise ValueError("max_pedro_rank must be >= 1")
         names = [m.name for m in self.modules]
@@ -62,7 +78,7 @@ class PedroArgs:
     def from_vllm_config(cls, vllm_config) -> PedroArgs:
         extra = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
         if extra is None:
-            raise RuntimeError("PEDRO worker started without additional_config['pedro']")
+            raise RuntimeError("PEDRO component started without additional_config['pedro']")
         return cls(**extra)
 
 
@@ -71,9 +87,99 @@ def pedro_enabled(vllm_config) -> bool:
 
 
 def engine_kwargs(args: PedroArgs, device: str) -> dict:
-    """What PEDRO sets in vLLM's engine arguments. Chunked prefill is off so that every
-    PEDRO prompt is prefilled in one step (its vectors depend on all of it)."""
-    worker = ("vllm_pedro.vllm.worker.PedroCPUWorker" if device == "cpu"
-              else "vllm_pedro.vllm.worker.PedroGPUWorker")
-    return {"enable_chunked_prefill": False, "worker_cls": worker,
+    """What PEDRO sets in vLLM's engine arguments: its worker and scheduler classes (public
+    options), chunked prefill off so every PEDRO prompt is prefilled in one step (its vectors
+    depend on all of it), and the options for every process."""
+    if device not in WORKER_CLS:
+        raise ValueError(f"PEDRO runs on CPU and CUDA devices, not {device!r}")
+    return {"enable_chunked_prefill": False, "worker_cls": WORKER_CLS[device], "scheduler_cls": SCHEDULER_CLS,
             "additional_config": {ADDITIONAL_CONFIG_KEY: args.to_dict()}}
+
+
+def merge_engine_kwargs(kwargs: dict, args: PedroArgs, device: str) -> dict:
+    """`kwargs` (vLLM engine arguments) with PEDRO's set; refuses settings PEDRO overrides."""
+    extra = engine_kwargs(args, device)
+    if kwargs.get("enable_chunked_prefill"):
+        raise ValueError("PEDRO needs every prompt prefilled in one step: enable_chunked_prefill must stay off")
+    for key in ("worker_cls", "scheduler_cls"):
+        if kwargs.get(key) not in (None, "auto", extra[key]):
+            raise ValueError(f"PEDRO sets {key}; {key}={kwargs[key]!r} cannot be used with it")
+    if kwargs.get("enable_lora"):
+        raise ValueError("PEDRO and vLLM's LoRA cannot be enabled in one engine (PEDRO tenants ride vLLM's LoRA "
+                         "routing in the server)")
+    additional = {**(kwargs.get("additional_config") or {}), **extra.pop("additional_config")}
+    return {**kwargs, **extra, "additional_config": additional}
+
+
+# -- command-line flags -------------------------------------------------------------------
+def add_cli_args(parser) -> None:
+    """The PEDRO option group; a no-op on a parser that has it (the general plugin adds
+    it to every parser built from vLLM's engine arguments, patches.py)."""
+    if "--enable-pedro" in parser._option_string_actions:
+        return
+    d = PedroArgs()
+    g = parser.add_argument_group("PEDRO", "PEDRO prompt-dependent adapters (vllm-pedro).")
+    g.add_argument("--enable-pedro", action="store_true", default=False,
+                   help="Serve PEDRO adapters. Turns chunked prefill off (a PEDRO prompt is prefilled in "
+                        "one step) and uses the PEDRO scheduler and worker.")
+    g.add_argument("--pedro-modules", nargs="+", default=None, metavar="MODULE",
+                   help="PEDRO adapters served from the start, as name=path or as JSON "
+                        "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}' (like --lora-modules). "
+                        "Requests select one with \"model\": name. An adapter that does not fit the model "
+                        "stops the server start.")
+    g.add_argument("--pedro-adapter-dir", default=None, metavar="DIR",
+                   help="Serve every tenant under DIR by name: a request for \"model\": NAME is served from "
+                        "DIR/NAME when that folder holds a PEDRO adapter for this base model (names are single "
+                        "path segments; an unknown name is a 404, a malformed folder a 400).")
+    g.add_argument("--max-pedro-adapters", type=int, default=d.max_adapters,
+                   help="Rows of the device adapter cache: the most distinct adapters whose prompts are "
+                        "prefilled in one step (more prefills wait a step). Decoding uses no rows: any number "
+                        "of tenants decode together.")
+    g.add_argument("--max-cpu-pedro-adapters", type=int, default=None,
+                   help="Adapters kept validated in host memory (LRU), so an adapter is read from disk once "
+                        "while it stays there. Default: sized from 10%% of the host memory.")
+    g.add_argument("--max-pedro-rank", type=int, default=d.max_rank,
+                   help="Largest generator rank r of a served adapter.")
+    g.add_argument("--pedro-targets", nargs="+", default=list(d.targets), metavar="TARGET",
+                   help=f"Projections whose outputs PEDRO vectors may scale, any of {' '.join(TARGETS)} (space or "
+                        "comma separated); adapters with other targets are refused.")
+    g.add_argument("--pedro-allowed-roots", nargs="+", default=[], metavar="DIR",
+                   help="Directories from which POST /v1/load_pedro_adapter may load adapters (the real path "
+                        "of every file of an adapter must lie inside one). None: no runtime loading. Runtime "
+                        "loading also needs VLLM_ALLOW_RUNTIME_PEDRO_UPDATING=1.")
+
+
+def apply_cli_args(args: argparse.Namespace, device: str | None = None) -> PedroArgs | None:
+    """Check the PEDRO flags and turn them into vLLM engine arguments on `args` (which
+    EngineArgs.from_cli_args then reads). Raises ValueError on bad flags. Applying it
+    twice changes nothing."""
+    if getattr(args, "_pedro_args", None) is not None:
+        return args._pedro_args
+    if getattr(args, "model_tag", None) is not None:
+        args.model = args.model_tag
+    if not getattr(args, "enable_pedro", False):
+        given = [f"--{f.replace('_', '-')}" for f in ("pedro_modules", "pedro_allowed_roots", "pedro_adapter_dir")
+                 if getattr(args, f, None)]
+        if given:
+            raise ValueError(f"{', '.join(given)} need(s) --enable-pedro")
+        return None
+    targets = tuple(t for v in args.pedro_targets for t in v.split(",") if t)
+    pargs = PedroArgs(max_adapters=args.max_pedro_adapters, max_cpu_adapters=args.max_cpu_pedro_adapters,
+                      max_rank=args.max_pedro_rank, targets=targets,
+                      modules=[PedroModule.parse(m) for m in (args.pedro_modules or [])],
+                      adapter_dir=args.pedro_adapter_dir)
+    if getattr(args, "api_server_count", None) not in (None, 1) or getattr(args, "headless", False):
+        raise ValueError("PEDRO serving runs one API server process: drop --api-server-count / --headless")
+    if getattr(args, "grpc", False):
+        raise ValueError("PEDRO serving is HTTP only: drop --grpc")
+    if device is None:
+        from vllm.platforms import current_platform
+        device = current_platform.device_type
+    current = {"enable_chunked_prefill": args.enable_chunked_prefill, "worker_cls": args.worker_cls,
+               "scheduler_cls": getattr(args, "scheduler_cls", None), "enable_lora": getattr(args, "enable_lora", False),
+               "additional_config": args.additional_config}
+    merged = merge_engine_kwargs(current, pargs, device)
+    for key in ("enable_chunked_prefill", "worker_cls", "scheduler_cls", "additional_config"):
+        setattr(args, key, merged[key])
+    args._pedro_args = pargs
+    return pargs

@@ -1,22 +1,34 @@
-"""Where q/v/up meet the PEDRO ops inside vLLM's own Llama / Qwen2 modules.
+"""Where q/v/up meet PEDRO inside vLLM's own Llama / Qwen2 modules.
 
-Each decoder layer's `qkv_proj` and `gate_up_proj` is wrapped. The wrapper calls the
-original projection, then one custom op (`torch.ops.vllm.pedro_qkv` / `pedro_up`)
-that (at prefill) runs the layer's generators and writes the slots, and (always) does
-one gather-multiply over the whole batch through vllm_pedro.ops. The ops are opaque to
-torch.compile, read the step's mapping from the worker's PedroRuntime (as attention
-reads the forward context), and are splitting ops for piecewise CUDA graphs.
+Each decoder layer's `qkv_proj` is wrapped: after the projection, one custom op
+(`torch.ops.vllm.pedro_prefill`) runs, at prefill only, the generators of the step's
+prefilling requests and writes their vectors into the slots; then the q/k/v ranges are
+scaled, every token by its slot's row (base tokens by the row of ones). The FFN's up
+scaling is fused into the activation: the layer's `act_fn` (SiluAndMul) becomes
+silu(gate) * (up * l_u) in one op. An MLP with another activation keeps it and gets the
+up scaling on its `gate_up_proj` output instead.
+
+The prefill op is opaque to torch.compile and a splitting op (it branches on host-side
+step data), so the generator never enters a compiled graph. The decode scaling is plain
+tensor code that torch.compile traces and fuses (`traced_scaling`), or, in eager mode, the
+ops backend the runtime resolved once (torch on the CPU, Triton on the GPU). Either way it
+reads only static buffers (slots, the token -> slot map): CUDA graphs capture it.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-from .. import ops
+from ..generator import generate_vectors
+from ..ops import reference
 
-QKV_OP, UP_OP = "pedro_qkv", "pedro_up"
-SPLITTING_OPS = [f"vllm::{QKV_OP}", f"vllm::{UP_OP}"]
+PREFILL_OP, SCALE_QKV_OP = "pedro_prefill", "pedro_scale_qkv"
+SILU_MUL_OP, SCALE_UP_OP = "pedro_silu_and_mul", "pedro_scale_up"
+SPLITTING_OPS = [f"vllm::{PREFILL_OP}"]
+ENV_SCALING = "VLLM_PEDRO_COMPILED_SCALING"  # "trace" (default) or "op": how compiled mode scales
 
 _runtime = None  # the worker's PedroRuntime (runner.py) while PEDRO is enabled
 
@@ -26,34 +38,46 @@ def set_runtime(runtime) -> None:
     _runtime = runtime
 
 
-def pedro_qkv(x: torch.Tensor, qkv: torch.Tensor, layer: int) -> None:
+def traced_scaling(vllm_config) -> bool:
+    """Whether the decode scaling is traced by torch.compile (compiled mode) rather than
+    called as an opaque op."""
+    from vllm.config import CompilationMode
+
+    mode = os.environ.get(ENV_SCALING, "trace").strip().lower()
+    if mode not in ("trace", "op"):
+        raise ValueError(f"{ENV_SCALING}={mode!r}: expected trace or op")
+    return mode == "trace" and vllm_config.compilation_config.mode != CompilationMode.NONE
+
+
+# -- the custom ops (eager bodies; torch.compile sees only their fake signatures) ----------
+def pedro_prefill(x: torch.Tensor, slots: torch.Tensor, layer: int) -> None:
     rt = _runtime
-    if rt is None:
+    step = rt.step if rt is not None else None
+    if step is None:
         return
-    n = x.shape[0]
-    step = rt.step
-    slots = rt.slots.layer(layer)
-    if step.has_prefill:
-        h = x[step.pool_token_idx]
-        vec = rt.adapters.compute_vectors(layer, h, step.pool_seg, step.seg_row)
-        slots[step.seg_slot] = vec.to(slots.dtype)
+    g = rt.adapters.layer(layer, step.poolers, step.activations)
+    vec = generate_vectors(x[step.token_idx], step.seg, step.seg_row, g)
+    slots[layer].index_copy_(0, step.seg_slot, vec.to(slots.dtype))
+
+
+def pedro_scale_qkv(qkv: torch.Tensor, layer: int) -> None:
+    rt = _runtime
     c = rt.columns
-    ops.scale_qkv_(qkv[:n], slots, rt.token_slot[:n], rt.q_size, rt.kv_size, c["q"], c["k"], c["v"])
+    rt.ops.scale_qkv_(qkv, rt.slots.layer(layer), rt.token_slot, rt.q_size, rt.kv_size, c["q"], c["k"], c["v"])
 
 
-def pedro_up(gate_up: torch.Tensor, layer: int) -> None:
+def pedro_silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor, layer: int) -> None:
     rt = _runtime
-    if rt is None or rt.columns["up"] < 0:
-        return
-    n, ff = gate_up.shape[0], gate_up.shape[1] // 2
-    ops.scale_(gate_up[:n, ff:], rt.slots.layer(layer), rt.token_slot[:n], rt.columns["up"])
+    rt.ops.silu_and_mul_scaled(gate_up, rt.slots.layer(layer), rt.token_slot, rt.columns["up"], out)
 
 
-def _fake_qkv(x, qkv, layer):
-    return None
+def pedro_scale_up(gate_up: torch.Tensor, layer: int) -> None:
+    rt = _runtime
+    ff = gate_up.shape[1] // 2
+    rt.ops.scale_(gate_up[:, ff:], rt.slots.layer(layer), rt.token_slot, rt.columns["up"])
 
 
-def _fake_up(gate_up, layer):
+def _nothing(*args) -> None:
     return None
 
 
@@ -66,34 +90,73 @@ def register_ops() -> None:
         return
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    direct_register_custom_op(QKV_OP, pedro_qkv, mutates_args=["qkv"], fake_impl=_fake_qkv)
-    direct_register_custom_op(UP_OP, pedro_up, mutates_args=["gate_up"], fake_impl=_fake_up)
+    # Each declares what it writes, so compiled graphs keep them and order reads after them.
+    direct_register_custom_op(PREFILL_OP, pedro_prefill, mutates_args=["slots"], fake_impl=_nothing)
+    direct_register_custom_op(SCALE_QKV_OP, pedro_scale_qkv, mutates_args=["qkv"], fake_impl=_nothing)
+    direct_register_custom_op(SILU_MUL_OP, pedro_silu_and_mul, mutates_args=["out"], fake_impl=_nothing)
+    direct_register_custom_op(SCALE_UP_OP, pedro_scale_up, mutates_args=["gate_up"], fake_impl=_nothing)
     _registered = True
 
 
+# -- the wrappers --------------------------------------------------------------------------
 class PedroQKVProj(nn.Module):
-    """Wraps QKVParallelLinear: Q' = l_q * Q, V' = l_v * V (and K if targeted)."""
+    """Wraps QKVParallelLinear: generators at prefill, then Q' = l_q * Q, V' = l_v * V (and
+    K if targeted) for every token."""
 
-    def __init__(self, base: nn.Module, layer: int):
+    def __init__(self, base: nn.Module, layer: int, runtime):
         super().__init__()
         self.base_layer, self.layer = base, layer
+        self.rt = runtime  # a plain attribute: not a submodule, no parameters
 
     def forward(self, x):
         out, bias = self.base_layer(x)
-        torch.ops.vllm.pedro_qkv(x, out, self.layer)
+        rt = self.rt
+        torch.ops.vllm.pedro_prefill(x, rt.slots.vectors, self.layer)
+        n = out.shape[0]
+        if rt.traced:
+            c = rt.columns
+            reference.scale_qkv_(out, rt.slots.vectors[self.layer], rt.token_slot[:n], rt.q_size, rt.kv_size,
+                                 c["q"], c["k"], c["v"])
+        else:
+            torch.ops.vllm.pedro_scale_qkv(out, self.layer)
         return out, bias
 
 
-class PedroGateUpProj(nn.Module):
-    """Wraps MergedColumnParallelLinear [gate | up]: U' = l_u * U before act(gate) * U'."""
+class PedroSiluAndMul(nn.Module):
+    """Replaces SiluAndMul: silu(gate) * (up * l_u), the up scaling fused into the activation."""
 
-    def __init__(self, base: nn.Module, layer: int):
+    def __init__(self, layer: int, runtime):
         super().__init__()
-        self.base_layer, self.layer = base, layer
+        self.layer, self.rt = layer, runtime
+
+    def forward(self, gate_up):
+        rt = self.rt
+        n, d = gate_up.shape[0], gate_up.shape[1] // 2
+        if rt.traced:
+            return reference.silu_and_mul_scaled(gate_up, rt.slots.vectors[self.layer], rt.token_slot[:n],
+                                                 rt.columns["up"])
+        out = torch.empty((n, d), dtype=gate_up.dtype, device=gate_up.device)
+        torch.ops.vllm.pedro_silu_and_mul(gate_up, out, self.layer)
+        return out
+
+
+class PedroGateUpProj(nn.Module):
+    """Wraps MergedColumnParallelLinear [gate | up] of an MLP whose activation is not
+    SiluAndMul: U' = l_u * U before the model's own act(gate) * U'."""
+
+    def __init__(self, base: nn.Module, layer: int, runtime):
+        super().__init__()
+        self.base_layer, self.layer, self.rt = base, layer, runtime
 
     def forward(self, x):
         out, bias = self.base_layer(x)
-        torch.ops.vllm.pedro_up(out, self.layer)
+        rt = self.rt
+        if rt.traced:
+            ff = out.shape[1] // 2
+            reference.scale_(out[:, ff:], rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]],
+                             rt.columns["up"])
+        else:
+            torch.ops.vllm.pedro_scale_up(out, self.layer)
         return out, bias
 
 
@@ -109,12 +172,19 @@ def find_vllm_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def wrap_model(model: nn.Module) -> list[nn.Module]:
+def wrap_model(model: nn.Module, runtime) -> list[nn.Module]:
     """Wrap every decoder layer in place; returns the layers."""
+    from vllm.model_executor.layers.activation import SiluAndMul
+
     register_ops()
     layers = find_vllm_layers(model)
     for i, layer in enumerate(layers):
-        if not isinstance(layer.self_attn.qkv_proj, PedroQKVProj):
-            layer.self_attn.qkv_proj = PedroQKVProj(layer.self_attn.qkv_proj, i)
-            layer.mlp.gate_up_proj = PedroGateUpProj(layer.mlp.gate_up_proj, i)
+        attn, mlp = layer.self_attn, layer.mlp
+        if isinstance(attn.qkv_proj, PedroQKVProj):
+            continue
+        attn.qkv_proj = PedroQKVProj(attn.qkv_proj, i, runtime)
+        if isinstance(getattr(mlp, "act_fn", None), SiluAndMul):
+            mlp.act_fn = PedroSiluAndMul(i, runtime)
+        else:
+            mlp.gate_up_proj = PedroGateUpProj(mlp.gate_up_proj, i, runtime)
     return layers

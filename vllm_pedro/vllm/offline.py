@@ -4,97 +4,54 @@
     llm.generate(prompts, params, pedro_request=PedroRequest("tenant-a", 1, "/path/a"))
 
 `pedro_request` is one request for all prompts, or a list with one per prompt (None for
-the base model). A request whose adapter is missing or does not fit the model fails
-alone: its output has finish_reason "error" and the message in `pedro_error`; the
-other prompts of the call still run."""
+the base model); with `pedro_adapter_dir=DIR`, a tenant name stands for DIR/NAME. A
+request whose adapter is missing, malformed or does not fit the model fails alone: its
+output has finish_reason "error" and the message in `pedro_error`; the other prompts of
+the call still run. That holds for what the front end finds (here) and for what the
+engine finds later (an adapter changed on disk since it was validated).
+"""
 
 from __future__ import annotations
 
-import copy
 import logging
-from dataclasses import dataclass
+import secrets
 
 import vllm
-from vllm import SamplingParams
 from vllm.outputs import CompletionOutput, RequestOutput
 
-from ..adapter_io import load_adapter
-from ..config import AdapterError
-from .args import PedroArgs, engine_kwargs
-from .runner import EXTRA_ARGS_KEY, base_shapes_from_hf_config
+from ..adapter_io import adapter_dir_entry, parse_adapter, read_adapter_files
+from ..config import AdapterError, BaseShapes
+from .args import PedroArgs, merge_engine_kwargs
+from .request import PedroRequest, check_servable, salted_prompt, with_pedro
 
 logger = logging.getLogger("vllm_pedro")
 
 
-@dataclass(frozen=True)
-class PedroRequest:
-    """Which adapter a request uses: a unique name, a unique positive integer id, a path."""
-
-    name: str
-    int_id: int
-    path: str
-
-    def __post_init__(self):
-        if not isinstance(self.int_id, int) or self.int_id < 1:
-            raise ValueError(f"PedroRequest int_id must be a positive integer, got {self.int_id!r}")
-
-
-def cache_salt(req: PedroRequest) -> str:
-    # KV written by a PEDRO request depends on its adapter: never share it with the base
-    # or other tenants. (PEDRO requests also never *read* the prefix cache; see below.)
-    return f"pedro:{req.int_id}:{req.name}"
-
-
 class AdapterValidator:
-    """Checks adapters in the front end, before a request reaches the engine, so a bad
-    adapter fails its request and nothing else."""
+    """Validates adapters in a front end, before a request reaches the engine, so a bad
+    adapter fails its request and nothing else. Each adapter id is read and validated
+    once; the request then carries the digest of the bytes that were validated."""
 
     def __init__(self, hf_config, args: PedroArgs):
-        self.base = base_shapes_from_hf_config(hf_config)
+        self.base = BaseShapes.from_hf_config(hf_config)
         self.args = args
-        self._ok: dict[tuple[int, str], str] = {}  # (int_id, path) -> name
+        self._ok: dict[int, PedroRequest] = {}  # int_id -> the validated request
 
-    def check(self, req: PedroRequest) -> None:
-        key = (req.int_id, req.path)
-        if self._ok.get(key) == req.name:
-            return
-        for (int_id, path), name in self._ok.items():
-            if int_id == req.int_id and (path, name) != (req.path, req.name):
-                raise AdapterError(f"adapter id {req.int_id} is already used by {name!r} at {path!r}")
-        config, _ = load_adapter(req.path, base=self.base)
-        if config.r > self.args.max_rank:
-            raise AdapterError(f"adapter {req.name!r} has rank {config.r} > max_pedro_rank={self.args.max_rank}")
-        extra = [t for t in config.targets if t not in self.args.targets]
-        if extra:
-            raise AdapterError(f"adapter {req.name!r} targets {extra}, not served (pedro_targets="
-                               f"{list(self.args.targets)})")
-        self._ok[key] = req.name
+    def check(self, req: PedroRequest, allowed_roots: list[str] | None = None) -> PedroRequest:
+        """`req` with the digest of its validated files; raises AdapterError."""
+        done = self._ok.get(req.int_id)
+        if done is not None:
+            if (done.name, done.path) != (req.name, req.path):
+                raise AdapterError(f"adapter id {req.int_id} is already used by {done.name!r} at {done.path!r}")
+            return done
+        files = read_adapter_files(req.path, allowed_roots)
+        config, _ = parse_adapter(files, self.base)
+        check_servable(config, self.args)
+        done = self._ok[req.int_id] = PedroRequest(req.name, req.int_id, req.path, files.digest)
+        return done
 
     def forget(self, int_id: int) -> None:
-        for key in [k for k in self._ok if k[0] == int_id]:
-            del self._ok[key]
-
-
-def pedro_params(params: SamplingParams, req: PedroRequest) -> SamplingParams:
-    params = copy.deepcopy(params)
-    params.extra_args = {**(params.extra_args or {}),
-                         EXTRA_ARGS_KEY: {"name": req.name, "int_id": req.int_id, "path": req.path}}
-    # A PEDRO prompt must be prefilled whole (its vectors come from all of it), so it
-    # never starts from cached KV.
-    params.skip_reading_prefix_cache = True
-    return params
-
-
-def salted_prompt(prompt, req: PedroRequest, prefix_caching: bool):
-    if isinstance(prompt, str):
-        prompt = {"prompt": prompt}
-    elif isinstance(prompt, dict):
-        prompt = dict(prompt)
-    else:
-        raise TypeError(f"PEDRO requests take str or dict prompts, got {type(prompt).__name__}")
-    if prefix_caching:
-        prompt["cache_salt"] = cache_salt(req)
-    return prompt
+        self._ok.pop(int_id, None)
 
 
 def error_output(request_id: str, prompt, message: str) -> RequestOutput:
@@ -111,24 +68,31 @@ class LLM(vllm.LLM):
     """vllm.LLM with PEDRO adapters (enable_pedro=True). Without it, exactly vllm.LLM."""
 
     def __init__(self, model: str, *, enable_pedro: bool = False, max_pedro_adapters: int = 4,
-                 max_pedro_rank: int = 16, pedro_targets=("q", "v", "up"), **kwargs):
+                 max_cpu_pedro_adapters: int | None = None, max_pedro_rank: int = 16,
+                 pedro_targets=("q", "v", "up"), pedro_adapter_dir: str | None = None, **kwargs):
         self.pedro_args = None
         if enable_pedro:
             from vllm.platforms import current_platform
 
-            self.pedro_args = PedroArgs(max_adapters=max_pedro_adapters, max_rank=max_pedro_rank,
-                                        targets=tuple(pedro_targets))
-            extra = engine_kwargs(self.pedro_args, current_platform.device_type)
-            kwargs["additional_config"] = {**(kwargs.get("additional_config") or {}), **extra.pop("additional_config")}
-            if kwargs.get("enable_chunked_prefill"):
-                raise ValueError("PEDRO needs every prompt prefilled in one step: enable_chunked_prefill "
-                                 "must stay off")
-            kwargs.update(extra)
+            self.pedro_args = PedroArgs(max_adapters=max_pedro_adapters, max_cpu_adapters=max_cpu_pedro_adapters,
+                                        max_rank=max_pedro_rank, targets=tuple(pedro_targets),
+                                        adapter_dir=pedro_adapter_dir)
+            kwargs = merge_engine_kwargs(kwargs, self.pedro_args, current_platform.device_type)
         super().__init__(model, **kwargs)
         if enable_pedro:
             cfg = self.llm_engine.vllm_config
             self._pedro_validator = AdapterValidator(cfg.model_config.hf_config, self.pedro_args)
             self._prefix_caching = bool(cfg.cache_config.enable_prefix_caching)
+            self._pedro_secret = secrets.token_hex(16)  # salts tenants' cached KV (request.cache_salt)
+            self._pedro_names: dict[str, PedroRequest] = {}  # tenants resolved by name
+
+    def pedro_request(self, name: str) -> PedroRequest:
+        """The tenant `name` of pedro_adapter_dir (one id per name for this LLM's life)."""
+        req = self._pedro_names.get(name)
+        if req is None:
+            path = adapter_dir_entry(self.pedro_args.adapter_dir, name)
+            req = self._pedro_names[name] = PedroRequest(name, 1_000_000 + len(self._pedro_names), path)
+        return req
 
     def generate(self, prompts, sampling_params=None, *args, pedro_request=None, **kwargs):
         if pedro_request is None:
@@ -149,20 +113,25 @@ class LLM(vllm.LLM):
         run_prompts, run_params, run_index, errors = [], [], [], {}
         for i, (p, sp, req) in enumerate(zip(prompts, params, reqs)):
             if req is not None:
+                name = req if isinstance(req, str) else req.name
                 try:
-                    self._pedro_validator.check(req)
+                    req = self._pedro_validator.check(self.pedro_request(req) if isinstance(req, str) else req)
                 except (AdapterError, OSError) as e:
                     logger.error("PEDRO request %d failed: %s", i, e)
-                    errors[i] = error_output(f"pedro-error-{i}", p, f"PEDRO adapter {req.name!r}: {e}")
+                    errors[i] = error_output(f"pedro-error-{i}", p, f"PEDRO adapter {name!r}: {e}")
                     continue
-                p, sp = salted_prompt(p, req, self._prefix_caching), pedro_params(sp, req)
+                p = salted_prompt(p, req, self._pedro_secret, self._prefix_caching)
+                sp = with_pedro(sp, req)
             run_prompts.append(p)
             run_params.append(sp)
             run_index.append(i)
         outs = super().generate(run_prompts, run_params, *args, **kwargs) if run_prompts else []
         merged = [None] * n
         for i, o in zip(run_index, outs):
+            if o.outputs and o.outputs[0].finish_reason == "error":  # failed in the engine (scheduler.py)
+                o.pedro_error = str(o.outputs[0].stop_reason)
             merged[i] = o
         for i, o in errors.items():
             merged[i] = o
         return merged
+

@@ -1,62 +1,127 @@
-"""Every monkey-patch vllm-pedro makes, in one place. Each names the vLLM versions it
-was written for; tests/test_patches.py fails loudly when vLLM changes under one.
+"""The register of every vLLM internal vllm-pedro touches, as data.
 
-Everything else uses public extension points: the general-plugin entry point,
-`worker_cls`, `additional_config`, `SamplingParams.extra_args`, custom ops."""
+Public extension points need no entry: the `vllm.general_plugins` entry point,
+`worker_cls`, `scheduler_cls`, `additional_config`, `SamplingParams.extra_args`, custom
+ops, `vllm.endpoint_plugins`. Everything else is listed in REGISTER with what it touches,
+why, the vLLM versions it was written for, when it is active, and a `check` that
+tests/test_patches.py runs: it fails, naming the entry, when vLLM changes under it.
+
+Kinds: "wrap" (a monkey-patch this module applies), "override" (a private method a PEDRO
+subclass overrides), "read" / "write" (private state used), "swap" (a class changed on a
+live object). Active: "pedro" entries take effect only where PEDRO is enabled (wraps are
+applied by `enable_pedro()`, called when --enable-pedro is parsed or a PEDRO server
+starts; overrides live in classes only a PEDRO engine uses); "always" entries are inert
+without --enable-pedro. A vLLM user with this package installed and PEDRO off runs stock
+vLLM: `vllm.LLM` is vLLM's class and no vLLM function is wrapped but EngineArgs' parser.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 logger = logging.getLogger("vllm_pedro")
-_applied: set[str] = set()
+VLLM_RANGE = ">=0.32.0,<0.33.0"  # every entry below was written and tested against vLLM 0.32.0
 
 
-def patch_llm_alias() -> None:
-    """vLLM 0.32.x: make `vllm.LLM` the PEDRO-aware subclass, so `LLM(model,
-    enable_pedro=True)` works after `import vllm_pedro` as the issue's API asks.
-    Without enable_pedro it is exactly vllm.LLM."""
-    import vllm
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    target: str  # what it touches, as a dotted path
+    kind: str  # wrap | override | read | write | swap
+    active: str  # always | pedro
+    why: str
+    check: Callable[[], None]  # raises AssertionError naming what moved
+    apply: Callable[[], None] | None = None  # for kind "wrap"
+    vllm: str = VLLM_RANGE
 
-    from .offline import LLM
 
-    vllm.LLM = LLM
+def _wrapped(fn) -> bool:
+    return getattr(fn, "_pedro_wrapped", False)
 
 
-def patch_async_llm_pedro_requests() -> None:
-    """vLLM 0.32.x (AsyncLLM.add_request of vllm/v1/engine/async_llm.py, 0.32.0): the
-    OpenAI server routes a PEDRO adapter like a LoRA, as a serving.PedroLoRARequest in
-    OpenAIServingModels.lora_requests. Here, where every generate / beam-search request
-    enters the engine client, such a request becomes what the offline API sends: the
-    sampling params of offline.pedro_params, a prompt salted with offline.cache_salt
-    when prefix caching is on, and no LoRA request. Other requests pass unchanged."""
-    import inspect
+def _params(fn, *names: str, where: str) -> None:
+    have = list(inspect.signature(fn).parameters)
+    missing = [n for n in names if n not in have]
+    assert not missing, f"{where} lost parameter(s) {missing}; has {have}"
 
+
+def _source_has(fn, needle: str, where: str) -> None:
+    assert needle in inspect.getsource(fn), f"{where} no longer contains {needle!r}"
+
+
+# -- wraps ------------------------------------------------------------------------------
+def _apply_engine_args_flags() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if _wrapped(EngineArgs.add_cli_args):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args(parser, *args, **kwargs):
+        from .args import add_cli_args as add_pedro
+
+        parser = original_add(parser, *args, **kwargs)
+        add_pedro(parser)
+        return parser
+
+    def from_cli_args(cls, args):
+        if getattr(args, "enable_pedro", False):
+            from .args import apply_cli_args
+
+            apply_cli_args(args)
+            enable_pedro()  # this process serves PEDRO: its front-end wraps go on now
+        return original_from(cls, args)
+
+    add_cli_args._pedro_wrapped = True
+    add_cli_args.__wrapped__ = original_add
+    from_cli_args._pedro_wrapped = True
+    from_cli_args.__wrapped__ = original_from
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+
+
+def _check_engine_args_flags() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    add = getattr(EngineArgs.add_cli_args, "__wrapped__", EngineArgs.add_cli_args)
+    _params(add, "parser", where="EngineArgs.add_cli_args")
+    src = inspect.getsource(EngineArgs.from_cli_args.__func__ if not _wrapped(EngineArgs.from_cli_args)
+                            else EngineArgs.from_cli_args.__wrapped__)
+    assert "dataclasses.fields" in src or "fields(" in src, "EngineArgs.from_cli_args no longer copies fields"
+
+
+def _apply_add_request() -> None:
     from vllm import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
     original = AsyncLLM.add_request
-    if getattr(original, "_pedro_wrapped", False):
+    if _wrapped(original):
         return
     signature = inspect.signature(original)
 
     async def add_request(self, *args, **kwargs):
-        from .offline import pedro_params, salted_prompt
-        from .serving import is_pedro
+        from .request import EXTRA_ARGS_KEY, salted_prompt, with_pedro
+        from .serving import current_registry, is_pedro
 
         bound = signature.bind(self, *args, **kwargs)
-        lora = bound.arguments.get("lora_request")
+        lora, params = bound.arguments.get("lora_request"), bound.arguments["params"]
+        if EXTRA_ARGS_KEY in (getattr(params, "extra_args", None) or {}):
+            raise ValueError(f"the extra argument key {EXTRA_ARGS_KEY!r} (vllm_xargs) is reserved for PEDRO; "
+                             "choose a tenant with \"model\"")
         if is_pedro(lora):
-            req = lora.pedro_request()
+            req, reg = lora.pedro_request(), current_registry()
             prompt = bound.arguments["prompt"]
-            if not isinstance(bound.arguments["params"], SamplingParams):
+            if not isinstance(params, SamplingParams):
                 raise ValueError(f"PEDRO adapter {req.name!r}: PEDRO adapters serve text generation only")
             if not isinstance(prompt, (str, dict)):
                 raise ValueError(f"PEDRO adapter {req.name!r}: {type(prompt).__name__} prompts are not "
                                  "supported (rendered token or text prompts only)")
-            bound.arguments["prompt"] = salted_prompt(
-                prompt, req, bool(self.vllm_config.cache_config.enable_prefix_caching))
-            bound.arguments["params"] = pedro_params(bound.arguments["params"], req)
+            bound.arguments["prompt"] = salted_prompt(prompt, req, reg.secret, reg.prefix_caching)
+            bound.arguments["params"] = with_pedro(params, req)
             bound.arguments["lora_request"] = None
         return await original(*bound.args, **bound.kwargs)
 
@@ -65,19 +130,50 @@ def patch_async_llm_pedro_requests() -> None:
     AsyncLLM.add_request = add_request
 
 
-def patch_beam_search_refuses_pedro() -> None:
-    """vLLM 0.32.x (BeamSearchOnlineMixin.beam_search of
-    vllm/entrypoints/generate/beam_search/online.py, 0.32.0): online beam search runs
-    every beam step as a new request whose prompt is the prompt plus the beam so far, so
-    a PEDRO tenant would get vectors computed from that longer prompt at every step,
-    which is not the adapter's function. Refuse it with a clear error instead (the
-    offline LLM.beam_search takes no PEDRO adapter at all)."""
-    import inspect
+def _check_add_request() -> None:
+    from vllm.v1.engine.async_llm import AsyncLLM
 
+    _params(getattr(AsyncLLM.add_request, "__wrapped__", AsyncLLM.add_request), "prompt", "params",
+            "lora_request", where="AsyncLLM.add_request")
+
+
+def _apply_generate_errors() -> None:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    original = AsyncLLM.generate
+    if _wrapped(original):
+        return
+
+    async def generate(self, *args, **kwargs):
+        from .request import ERROR_PREFIX
+        from .serving import PedroAdapterError
+
+        async for out in original(self, *args, **kwargs):
+            failed = out.outputs[0] if out.finished and out.outputs else None
+            if failed is not None and failed.finish_reason == "error" \
+                    and str(failed.stop_reason or "").startswith(ERROR_PREFIX):
+                raise PedroAdapterError(str(failed.stop_reason))
+            yield out
+
+    generate._pedro_wrapped = True
+    generate.__wrapped__ = original
+    AsyncLLM.generate = generate
+
+
+def _check_generate_errors() -> None:
+    from vllm.entrypoints.generate.base.serving import GenerateBaseServing
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    assert inspect.isasyncgenfunction(getattr(AsyncLLM.generate, "__wrapped__", AsyncLLM.generate)), \
+        "AsyncLLM.generate is no async generator"
+    _source_has(GenerateBaseServing._raise_if_error, '"error"', "GenerateBaseServing._raise_if_error")
+
+
+def _apply_beam_search_refusal() -> None:
     from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
 
     original = BeamSearchOnlineMixin.beam_search
-    if getattr(original, "_pedro_wrapped", False):
+    if _wrapped(original):
         return
     signature = inspect.signature(original)
 
@@ -96,48 +192,223 @@ def patch_beam_search_refuses_pedro() -> None:
     BeamSearchOnlineMixin.beam_search = beam_search
 
 
-def patch_engine_args_pedro_flags() -> None:
-    """vLLM 0.32.x (EngineArgs.add_cli_args / from_cli_args of vllm/engine/arg_utils.py,
-    0.32.0): the PEDRO flags (--enable-pedro, --pedro-modules, ...) in every parser vLLM
-    builds from its engine arguments (`vllm serve`, `python -m
-    vllm.entrypoints.openai.api_server`, `vllm-pedro serve`); general plugins are loaded
-    before those parsers are built. from_cli_args copies only dataclass fields, so with
-    --enable-pedro the flags are first turned into engine arguments (worker_cls,
-    enable_chunked_prefill=False, additional_config["pedro"]) by
-    cli_serve.apply_pedro_args."""
-    from vllm.engine.arg_utils import EngineArgs
+def _check_beam_search() -> None:
+    from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
 
-    if getattr(EngineArgs.add_cli_args, "_pedro_wrapped", False):
+    original = getattr(BeamSearchOnlineMixin.beam_search, "__wrapped__", BeamSearchOnlineMixin.beam_search)
+    assert inspect.isasyncgenfunction(original), "BeamSearchOnlineMixin.beam_search is no async generator"
+    _params(original, "lora_request", where="BeamSearchOnlineMixin.beam_search")
+
+
+def _apply_check_model() -> None:
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+
+    original = BaseServing._check_model
+    if _wrapped(original):
         return
-    original_add = EngineArgs.add_cli_args
-    original_from = EngineArgs.from_cli_args.__func__
 
-    def add_cli_args(parser, *args, **kwargs):
-        from .cli_serve import add_pedro_cli_args
+    async def _check_model(self, request):
+        error = await original(self, request)
+        from .serving import current_registry
 
-        parser = original_add(parser, *args, **kwargs)
-        add_pedro_cli_args(parser)
-        return parser
+        reg = current_registry()
+        if error is None or reg is None or not reg.args.adapter_dir or error.error.code != 404:
+            return error
+        resolved = await reg.resolve(request.model)
+        return error if resolved == "missing" else resolved
 
-    def from_cli_args(cls, args):
-        if getattr(args, "enable_pedro", False):
-            from .cli_serve import apply_pedro_args
-
-            apply_pedro_args(args)
-        return original_from(cls, args)
-
-    add_cli_args._pedro_wrapped = True
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
-    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    _check_model._pedro_wrapped = True
+    _check_model.__wrapped__ = original
+    BaseServing._check_model = _check_model
 
 
-PATCHES = {"llm_alias": patch_llm_alias, "async_llm_pedro_requests": patch_async_llm_pedro_requests,
-           "beam_search_refuses_pedro": patch_beam_search_refuses_pedro,
-           "engine_args_pedro_flags": patch_engine_args_pedro_flags}
+def _check_check_model() -> None:
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+
+    original = getattr(BaseServing._check_model, "__wrapped__", BaseServing._check_model)
+    assert inspect.iscoroutinefunction(original), "BaseServing._check_model is no coroutine"
+    _source_has(original, "self.models.lora_requests", "BaseServing._check_model")
+    _source_has(original, "NOT_FOUND", "BaseServing._check_model")
 
 
-def apply_all() -> None:
-    for name, fn in PATCHES.items():
-        if name not in _applied:
-            fn()
+def _apply_endpoint_plugins() -> None:
+    import vllm.plugins as plugins
+
+    original = plugins.load_endpoint_plugins
+    if _wrapped(original):
+        return
+
+    def load_endpoint_plugins(*args, **kwargs):
+        from .serving import PedroEndpoints
+
+        loaded = original(*args, **kwargs)
+        if not any(isinstance(p, PedroEndpoints) for p in loaded):
+            loaded.append(PedroEndpoints())
+        return loaded
+
+    load_endpoint_plugins._pedro_wrapped = True
+    load_endpoint_plugins.__wrapped__ = original
+    plugins.load_endpoint_plugins = load_endpoint_plugins
+
+
+def _check_endpoint_plugins() -> None:
+    import vllm.plugins as plugins
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.plugins.endpoint_plugins.interface import attach_endpoint_plugins
+
+    _source_has(attach_endpoint_plugins, "from vllm.plugins import load_endpoint_plugins",
+                "attach_endpoint_plugins (it must look the loader up at call time)")
+    _source_has(build_app, "attach_endpoint_plugins", "build_app")
+    assert callable(getattr(plugins, "load_endpoint_plugins", None)), "vllm.plugins.load_endpoint_plugins is gone"
+
+
+# -- what PEDRO classes override, read, write or swap ---------------------------------------
+def _check_runner_hooks() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for name, params in {"_prepare_inputs": ["scheduler_output", "num_scheduled_tokens"],
+                         "_update_states": ["scheduler_output"],
+                         "_model_forward": ["input_ids", "positions"], "load_model": []}.items():
+        fn = getattr(GPUModelRunner, name, None)
+        assert fn is not None, f"GPUModelRunner.{name} is gone: PedroRunnerMixin overrides it"
+        _params(fn, *params, where=f"GPUModelRunner.{name}")
+
+
+def _check_runner_swap() -> None:
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    for cls in (CPUWorker, Worker):
+        for name in ("init_device", "determine_available_memory"):
+            assert hasattr(cls, name), f"{cls.__name__}.{name} is gone: the PEDRO worker overrides it"
+    _source_has(CPUWorker.init_device, "self.model_runner = CPUModelRunner(", "CPUWorker.init_device")
+    _params(Worker._make_model_runner, "self", where="Worker._make_model_runner")
+    _source_has(Worker._init_workspace_and_model_runner, "self._make_model_runner()",
+                "Worker._init_workspace_and_model_runner")
+
+
+def _check_input_batch() -> None:
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    for name in ("req_ids", "num_reqs"):
+        assert hasattr(InputBatch, name), f"InputBatch.{name} is gone: runner.py reads it"
+    _source_has(InputBatch.__init__, "self.req_id_to_index", "InputBatch.__init__")
+
+
+def _check_scheduler() -> None:
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    _params(Scheduler._handle_blocked_waiting_request, "request", where="Scheduler._handle_blocked_waiting_request")
+    _source_has(Scheduler.schedule, "self._handle_blocked_waiting_request(request)", "Scheduler.schedule")
+    for name, params in {"add_request": ["request"], "finish_requests": ["request_ids", "finished_status"],
+                         "update_from_output": ["scheduler_output", "model_runner_output"], "schedule": []}.items():
+        _params(getattr(Scheduler, name), *params, where=f"Scheduler.{name}")
+    fields = SchedulerOutput.__dataclass_fields__
+    for name in ("scheduled_new_reqs", "scheduled_cached_reqs", "preempted_req_ids", "finished_req_ids"):
+        assert name in fields, f"SchedulerOutput.{name} is gone: the PEDRO scheduler and runner read it"
+    assert not hasattr(SchedulerOutput, "__slots__"), "SchedulerOutput has slots: the PEDRO plan rides on it"
+    assert "resumed_req_ids" in CachedRequestData.__dataclass_fields__, "CachedRequestData.resumed_req_ids is gone"
+
+
+def _check_serving_models() -> None:
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+
+    for fn, needle in [(BaseServing._maybe_get_adapters, "self.models.lora_requests"),
+                       (OpenAIServingModels.show_available_models, "self.lora_requests"),
+                       (OpenAIServingModels.model_name, "lora_request.lora_name")]:
+        _source_has(fn, needle, fn.__qualname__)
+    assert hasattr(OpenAIServingModels, "is_base_model"), "OpenAIServingModels.is_base_model is gone"
+
+
+def _check_serve_command() -> None:
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+
+    _params(ServeSubcommand.cmd, "args", where="ServeSubcommand.cmd")
+    _params(make_arg_parser, "parser", where="make_arg_parser")
+    _params(validate_parsed_serve_args, "args", where="validate_parsed_serve_args")
+
+
+def _check_custom_op_helper() -> None:
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    _params(direct_register_custom_op, "op_name", "op_func", "mutates_args", "fake_impl",
+            where="direct_register_custom_op")
+
+
+REGISTER: list[Patch] = [
+    Patch("engine_args_pedro_flags", "vllm.engine.arg_utils.EngineArgs.add_cli_args/from_cli_args", "wrap",
+          "always", "The PEDRO flags in every parser vLLM builds from its engine arguments (vllm serve, "
+          "vllm-pedro serve); from_cli_args copies only dataclass fields, so --enable-pedro is turned into "
+          "engine arguments first (args.apply_cli_args) and switches this process's PEDRO wraps on. Inert "
+          "without --enable-pedro.", _check_engine_args_flags, _apply_engine_args_flags),
+    Patch("async_llm_pedro_requests", "vllm.v1.engine.async_llm.AsyncLLM.add_request", "wrap", "pedro",
+          "Where every server request enters the engine client: a tenant (a PedroLoRARequest) becomes a PEDRO "
+          "request (request.with_pedro, a salted prompt, no LoRA request); clients' vllm_xargs under the PEDRO "
+          "key are refused.", _check_add_request, _apply_add_request),
+    Patch("async_llm_pedro_errors", "vllm.v1.engine.async_llm.AsyncLLM.generate", "wrap", "pedro",
+          "An adapter the engine cannot serve finishes its request with reason 'error' (scheduler.py); vLLM "
+          "turns that into a 500 'Internal server error'. Raise a 400 naming the adapter instead.",
+          _check_generate_errors, _apply_generate_errors),
+    Patch("beam_search_refuses_pedro", "vllm.entrypoints.generate.beam_search.online.BeamSearchOnlineMixin"
+          ".beam_search", "wrap", "pedro", "Online beam search re-sends prompt + beam as a new prompt every "
+          "step, so a tenant would get vectors of a growing prompt: refuse it with a clear error.",
+          _check_beam_search, _apply_beam_search_refusal),
+    Patch("tenants_by_name", "vllm.entrypoints.serve.engine.serving.BaseServing._check_model", "wrap", "pedro",
+          "With --pedro-adapter-dir a model name vLLM does not know is looked up there before vLLM's 404 (vLLM's "
+          "LoRA resolvers run only with runtime LoRA updating on and load through the LoRA engine).",
+          _check_check_model, _apply_check_model),
+    Patch("pedro_endpoints_in_vllm_server", "vllm.plugins.load_endpoint_plugins", "wrap", "pedro",
+          "vLLM loads endpoint plugins only when VLLM_PLUGINS names them; with --enable-pedro its server gets "
+          "the PEDRO endpoints and tenant registry without that.", _check_endpoint_plugins, _apply_endpoint_plugins),
+    Patch("runner_hooks", "vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states/_prepare_inputs"
+          "/_model_forward/load_model", "override", "pedro", "PedroRunnerMixin (runner.py) follows the runner's "
+          "steps like vLLM's own LoRA mixin does: slots freed, the plan applied, the token -> slot map built.",
+          _check_runner_hooks),
+    Patch("runner_class", "vllm.v1.worker.cpu_worker.CPUWorker.init_device (swap); "
+          "vllm.v1.worker.gpu_worker.Worker._make_model_runner (override)", "swap", "pedro",
+          "The PEDRO worker (worker_cls) runs a model runner with PedroRunnerMixin: the GPU worker builds it "
+          "in vLLM's _make_model_runner override point; the CPU worker builds its runner inside init_device, "
+          "so the live runner's class is swapped there.", _check_runner_swap),
+    Patch("input_batch", "vllm.v1.worker.gpu_input_batch.InputBatch.req_ids/num_reqs/req_id_to_index", "read",
+          "pedro", "The batch order of requests, for the token -> slot map.", _check_input_batch),
+    Patch("scheduler_hooks", "vllm.v1.core.sched.scheduler.Scheduler._handle_blocked_waiting_request (+ "
+          "add_request, finish_requests, schedule, update_from_output; SchedulerOutput fields)", "override",
+          "pedro", "The PEDRO scheduler (scheduler_cls; vLLM calls its interface not public): adapters loaded "
+          "while requests wait, distinct adapters per step bounded by the device rows, the PedroStepPlan "
+          "attached to the scheduler output, failed requests finished alone.", _check_scheduler),
+    Patch("serving_models_registry", "vllm.entrypoints.openai.models.serving.OpenAIServingModels.lora_requests",
+          "write", "pedro", "Tenants are PedroLoRARequests in vLLM's LoRA registry, so vLLM's routing, 404s and "
+          "/v1/models serve them.", _check_serving_models),
+    Patch("serve_command", "vllm.entrypoints.cli.serve.ServeSubcommand.cmd", "read", "pedro",
+          "vllm-pedro serve is vLLM's serve command with vLLM's parser plus the PEDRO flags.", _check_serve_command),
+    Patch("custom_op_helper", "vllm.utils.torch_utils.direct_register_custom_op", "read", "pedro",
+          "How vLLM registers its own custom ops; the PEDRO ops use the same helper.", _check_custom_op_helper),
+]
+
+_WRAPS = {p.name: p for p in REGISTER if p.kind == "wrap"}
+_applied: set[str] = set()
+
+
+def apply_always() -> None:
+    """What the general plugin applies in every process (inert without --enable-pedro)."""
+    _apply("always")
+
+
+def enable_pedro() -> None:
+    """This process serves PEDRO: apply the front-end wraps (idempotent)."""
+    _apply("always")
+    _apply("pedro")
+
+
+def _apply(active: str) -> None:
+    for name, p in _WRAPS.items():
+        if p.active == active and name not in _applied:
+            p.apply()
             _applied.add(name)
+
+
+def applied() -> set[str]:
+    return set(_applied)

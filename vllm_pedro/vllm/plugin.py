@@ -1,5 +1,8 @@
 """The `vllm.general_plugins` entry point. vLLM calls `register()` in every process
-(front end, engine core, workers) before it builds the engine."""
+(front end, engine core, workers) before it builds the engine (and before it builds a
+command-line parser). It checks the vLLM version, registers the PEDRO custom ops and adds
+the PEDRO flags to vLLM's parsers; nothing else of vLLM changes until PEDRO is enabled
+(patches.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +10,6 @@ import logging
 
 logger = logging.getLogger("vllm_pedro")
 
-# The vLLM versions this plugin was written and tested against (worker and model-runner
-# hooks, see runner.py and patches.py). Outside it, refuse rather than misbehave.
-SUPPORTED_VLLM = ((0, 32, 0), (0, 33, 0))  # [lower, upper)
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
@@ -20,15 +20,27 @@ def parse_version(text: str) -> tuple[int, int, int]:
     return tuple((parts + [0, 0, 0])[:3])
 
 
+def parse_range(spec: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """">=0.32.0,<0.33.0" -> ((0, 32, 0), (0, 33, 0)): [lower, upper)."""
+    lo, hi = (part.strip() for part in spec.split(","))
+    assert lo.startswith(">=") and hi.startswith("<"), spec
+    return parse_version(lo[2:]), parse_version(hi[1:])
+
+
 def check_vllm_version(version: str | None = None) -> None:
+    """Refuse a vLLM outside the range of any entry of patches.REGISTER (the vLLM versions
+    each internal the plugin touches was written and tested against)."""
+    from .patches import REGISTER
+
     if version is None:
         import vllm
         version = vllm.__version__
-    lo, hi = SUPPORTED_VLLM
-    if not (lo <= parse_version(version) < hi):
+    v = parse_version(version)
+    outside = sorted({p.vllm for p in REGISTER if not (parse_range(p.vllm)[0] <= v < parse_range(p.vllm)[1])})
+    if outside:
         raise RuntimeError(
-            f"vllm-pedro supports vLLM >={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}; "
-            f"found vLLM {version}. Install a supported vLLM or a vllm-pedro made for yours.")
+            f"vllm-pedro supports vLLM {' and '.join(outside)}; found vLLM {version}. Install a supported "
+            "vLLM or a vllm-pedro made for yours.")
 
 
 _done = False
@@ -43,5 +55,5 @@ def register() -> None:
     from .layers import register_ops
 
     register_ops()
-    patches.apply_all()
+    patches.apply_always()
     _done = True

@@ -1,148 +1,143 @@
-"""The worker side of PEDRO: per-step mapping from tokens to vector slots.
+"""The worker side of PEDRO: the per-step token -> slot map and the prefill segments.
 
-`PedroRuntime` owns the slots and the adapter cache of one worker. `PedroRunnerMixin`
-is mixed into vLLM's model runner (GPUModelRunner or CPUModelRunner) by worker.py and
-hooks three of its steps, the way the LoRA mixin hooks set_active_loras:
-  load_model      -> wrap the decoder layers, allocate slots and the adapter cache
-  _update_states  -> free the slots of finished and preempted requests
-  _prepare_inputs -> build this step's token -> slot map and the prefill segments
+`PedroRuntime` owns the vector slots and the device adapter cache of one worker.
+`PedroRunnerMixin` is mixed into vLLM's model runner (GPUModelRunner or CPUModelRunner)
+by worker.py and follows three of its steps (private hooks, listed in patches.REGISTER):
+  load_model      -> wrap the decoder layers, allocate slots and adapter rows
+  _update_states  -> free the slots of finished and preempted requests; apply the
+                     scheduler's PedroStepPlan (row writes, slots of new prefills)
+  _prepare_inputs -> this step's token -> slot map and the prefill segments
+
+Decode-only steps cost array operations only: the per-request slot array is rebuilt
+(from the slot dict, without a Python loop) only when the batch's requests changed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
 
+from .. import ops
 from ..config import BaseShapes
-from .adapters import AdapterCache
+from .adapters import DeviceAdapterCache
 from .args import PedroArgs
-from .layers import set_runtime, wrap_model
+from .layers import set_runtime, traced_scaling, wrap_model
 from .layout import ShardLayout
 from .slots import SlotPool
 
-EXTRA_ARGS_KEY = "pedro"
-
 
 @dataclass
-class StepInfo:
-    """The prefill work of one step (empty for decode-only steps and dummy runs)."""
+class PrefillStep:
+    """The PEDRO prefill work of one step (None for decode-only steps and dummy runs)."""
 
-    has_prefill: bool = False
-    pool_token_idx: torch.Tensor | None = None  # [N] prompt tokens' rows in the flat batch
-    pool_seg: torch.Tensor | None = None  # [N] which prefill request each belongs to
-    seg_row: torch.Tensor | None = None  # [R] adapter cache row per prefill request
-    seg_slot: torch.Tensor | None = None  # [R] vector slot per prefill request
-
-
-NO_PREFILL = StepInfo()
-
-
-def base_shapes_from_hf_config(hf_config) -> BaseShapes:
-    text = getattr(hf_config, "text_config", hf_config)
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    return BaseShapes(num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
-                      q_size=heads * head_dim, kv_size=kv_heads * head_dim,
-                      ff_size=text.intermediate_size)
+    token_idx: torch.Tensor  # [N] prompt tokens' rows in the flat batch
+    seg: torch.Tensor  # [N] which prefill request each belongs to
+    seg_row: torch.Tensor  # [R] device adapter row per prefill request
+    seg_slot: torch.Tensor  # [R] vector slot per prefill request
+    poolers: frozenset[str]
+    activations: frozenset[str]
 
 
 class PedroRuntime:
     def __init__(self, runner, args: PedroArgs):
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-        model = runner.get_model()
-        layers = wrap_model(model)
-        hf_config = runner.model_config.hf_config
-        self.base = base_shapes_from_hf_config(hf_config)
+        self.base = BaseShapes.from_hf_config(runner.model_config.hf_config)
+        layers = wrap_model(runner.get_model(), self)
         if len(layers) != self.base.num_layers:
             raise RuntimeError(f"found {len(layers)} decoder layers, config says {self.base.num_layers}")
         qkv = layers[0].self_attn.qkv_proj.base_layer
-        tp_size = get_tensor_model_parallel_world_size()
         self.layout = ShardLayout(targets=args.targets, base=self.base, tp_rank=get_tensor_model_parallel_rank(),
-                                  tp_size=tp_size, num_kv_heads_total=qkv.total_num_kv_heads,
-                                  head_size=qkv.head_size)
+                                  tp_size=get_tensor_model_parallel_world_size(),
+                                  num_kv_heads_total=qkv.total_num_kv_heads, head_size=qkv.head_size)
         self.q_size, self.kv_size = qkv.num_heads * qkv.head_size, qkv.num_kv_heads * qkv.head_size
         self.columns = self.layout.columns()
         device, dtype = runner.device, runner.model_config.dtype
-        self.slots = SlotPool(self.base.num_layers, runner.scheduler_config.max_num_seqs,
-                              self.layout.width, dtype, device)
-        self.adapters = AdapterCache(self.base, self.layout, args.max_adapters, args.max_rank, dtype, device)
-        self.max_tokens = runner.max_num_tokens
-        self.token_slot_np = np.full(self.max_tokens, -1, dtype=np.int32)
-        self.token_slot = torch.full((self.max_tokens,), -1, dtype=torch.int32, device=device)
-        self.step = NO_PREFILL
         self.device = device
+        self.ops = ops.backend(device)  # resolved once (VLLM_PEDRO_OPS_BACKEND read here)
+        self.traced = traced_scaling(runner.vllm_config)
+        self.slots = SlotPool(self.base.num_layers, runner.scheduler_config.max_num_seqs, self.layout.width,
+                              dtype, device)
+        self.adapters = DeviceAdapterCache(self.base, self.layout, args.max_adapters, args.max_rank, dtype, device)
+        ones = self.slots.ones_row
+        self.token_slot_np = np.full(runner.max_num_tokens, ones, dtype=np.int32)
+        self.token_slot = torch.from_numpy(self.token_slot_np).to(device)  # static: CUDA graphs read it
+        self._req_slots = np.full(runner.scheduler_config.max_num_seqs, ones, dtype=np.int32)
+        self._batch_ids: list[str] = []
+        self._num_sched = np.zeros(0, dtype=np.int32)
+        self._num_tokens = 0
+        self._plan = None
+        self.step: PrefillStep | None = None
         self.num_prefills = 0  # PEDRO prefills run (recomputed ones after preemption count again)
+        self.num_map_rebuilds = 0  # steps whose request -> slot array was rebuilt
         set_runtime(self)
 
     @property
     def nbytes(self) -> int:
-        """Device bytes that live beside the KV cache."""
-        return self.slots.nbytes
+        """Device bytes that live beside the KV cache: the slots and the adapter rows."""
+        return self.slots.nbytes + self.adapters.nbytes
 
-    def free_unscheduled(self, scheduler_output) -> None:
+    def update_states(self, scheduler_output) -> None:
+        """After vLLM's _update_states: slots of finished and preempted requests are free;
+        the plan's rows are written and its prefills get slots."""
         for req_id in scheduler_output.finished_req_ids:
             self.slots.release(req_id)
-        # A running request is scheduled every step (chunked prefill is off for PEDRO and
-        # the token budget covers max_num_seqs decodes), so one missing here was preempted:
-        # its slot is freed now and refilled when its prefill is recomputed.
-        scheduled = scheduler_output.num_scheduled_tokens
-        for req_id in [r for r in self.slots.owner if r not in scheduled]:
-            self.slots.release(req_id)
+        for req_id in scheduler_output.preempted_req_ids or ():
+            self.slots.release(req_id)  # refilled when its prefill is recomputed
+        plan = self._plan = getattr(scheduler_output, "pedro", None)
+        if plan is not None:
+            for row, weights in plan.loads.items():
+                self.adapters.write(row, weights)
+            for req_id in plan.prefills:
+                self.slots.acquire(req_id)
 
-    def prepare_step(self, runner, num_scheduled_tokens: np.ndarray) -> None:
-        batch = runner.input_batch
-        num_reqs = batch.num_reqs
-        starts = np.concatenate([[0], np.cumsum(num_scheduled_tokens[:num_reqs])])
-        token_slot = self.token_slot_np
-        token_slot.fill(-1)
-        prefills = []  # (start, num prompt tokens, slot, int_id)
-        adapters = {}
-        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-            state = runner.requests[req_id]
-            params = state.sampling_params
-            info = (params.extra_args or {}).get(EXTRA_ARGS_KEY) if params is not None else None
-            if info is None:
-                continue
-            computed = int(batch.num_computed_tokens_cpu[i])
-            n_sched = int(num_scheduled_tokens[i])
-            prompt_len = state.num_prompt_tokens
-            if computed == 0:
-                if n_sched < prompt_len:
-                    raise RuntimeError(
-                        f"PEDRO request {req_id}: only {n_sched} of its {prompt_len} prompt tokens "
-                        "were scheduled in one step; PEDRO needs the whole prompt in one prefill "
-                        "(chunked prefill must stay disabled)")
-                slot = self.slots.acquire(req_id)
-                prefills.append((starts[i], prompt_len, slot, info["int_id"]))
-                adapters[info["int_id"]] = (info["name"], info["path"])
-            elif computed < prompt_len:
-                raise RuntimeError(f"PEDRO request {req_id}: prefill resumed at token {computed} of "
-                                   f"{prompt_len}; vectors need the whole prompt in one step")
-            else:
-                slot = self.slots.get(req_id)
-                if slot is None:
-                    raise RuntimeError(f"PEDRO request {req_id} is decoding without vectors")
-            token_slot[starts[i]:starts[i] + n_sched] = slot
-        self.token_slot.copy_(torch.from_numpy(token_slot), non_blocking=True)
-        if not prefills:
-            self.step = NO_PREFILL
+    def prepare_step(self, batch, num_scheduled_tokens: np.ndarray) -> None:
+        """After vLLM's _prepare_inputs: the token -> slot map of this step (base tokens read
+        the ones row) and, with prefills, their segments."""
+        n = batch.num_reqs
+        ids = batch.req_ids[:n]
+        num_sched = num_scheduled_tokens[:n]
+        plan, self._plan = self._plan, None
+        if plan is not None or ids != self._batch_ids:  # requests joined, left or moved
+            self._batch_ids = list(ids)
+            self._req_slots[:n] = np.fromiter(map(self.slots.owner.get, ids, repeat(self.slots.ones_row)),
+                                              dtype=np.int32, count=n)
+            self.num_map_rebuilds += 1
+        elif np.array_equal(num_sched, self._num_sched):
+            self.step = None  # a decode step like the last one: the device map is current
             return
-        rows = self.adapters.ensure(adapters)
-        self.num_prefills += len(prefills)
-        lens = np.array([p[1] for p in prefills])
-        seg = np.repeat(np.arange(len(prefills)), lens)
+        self._num_sched = num_sched.copy()
+        total = int(num_sched.sum())
+        tokens = self.token_slot_np
+        tokens[:total] = np.repeat(self._req_slots[:n], num_sched)
+        tokens[total:self._num_tokens] = self.slots.ones_row  # padding and last step's tail
+        self.token_slot[:max(total, self._num_tokens)].copy_(
+            torch.from_numpy(tokens[:max(total, self._num_tokens)]), non_blocking=True)
+        self._num_tokens = total
+        self.step = None if plan is None else self._prefill_step(batch, plan, num_sched)
+
+    def _prefill_step(self, batch, plan, num_sched: np.ndarray) -> PrefillStep:
+        starts = np.concatenate([[0], np.cumsum(num_sched)])
+        idx = np.array([batch.req_id_to_index[r] for r in plan.prefills], dtype=np.int64)
+        rows = np.array([row for row, _ in plan.prefills.values()], dtype=np.int64)
+        lens = np.array([plen for _, plen in plan.prefills.values()], dtype=np.int64)
+        short = num_sched[idx] < lens
+        if short.any():
+            raise RuntimeError(f"PEDRO: {int(short.sum())} prompt(s) were not scheduled whole in one step; PEDRO "
+                               "needs every prompt in one prefill (chunked prefill must stay off)")
+        slots = np.array([self.slots.owner[r] for r in plan.prefills], dtype=np.int64)
+        seg = np.repeat(np.arange(len(lens)), lens)
         offsets = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        tok = np.repeat(np.array([p[0] for p in prefills]), lens) + offsets
-        to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(self.device, non_blocking=True)
-        self.step = StepInfo(True, to_dev(tok), to_dev(seg),
-                             to_dev([rows[p[3]] for p in prefills]), to_dev([p[2] for p in prefills]))
+        tok = np.repeat(starts[idx], lens) + offsets
+        self.num_prefills += len(lens)
+        dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        return PrefillStep(dev(tok), dev(seg), dev(rows), dev(slots), plan.poolers, plan.activations)
 
     def end_step(self) -> None:
-        self.step = NO_PREFILL
+        self.step = None
 
 
 class PedroRunnerMixin:
@@ -156,12 +151,12 @@ class PedroRunnerMixin:
 
     def _update_states(self, scheduler_output):
         out = super()._update_states(scheduler_output)
-        self.pedro.free_unscheduled(scheduler_output)
+        self.pedro.update_states(scheduler_output)
         return out
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        self.pedro.prepare_step(self, num_scheduled_tokens)
+        self.pedro.prepare_step(self.input_batch, num_scheduled_tokens)
         return out
 
     def _model_forward(self, *args, **kwargs):

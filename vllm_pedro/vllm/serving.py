@@ -1,24 +1,26 @@
 """PEDRO in vLLM's OpenAI-compatible server.
 
-How a PEDRO adapter rides vLLM's own LoRA routing, so that every OpenAI endpoint that
-takes a LoRA by `"model": name` (completions, chat, streaming, beam search, tokenize)
-takes a PEDRO adapter the same way, with vLLM's own errors and responses:
+A PEDRO tenant rides vLLM's own LoRA routing, so every endpoint that takes a LoRA by
+`"model": name` (completions, chat, streaming, /v1/models) takes a tenant the same way,
+with vLLM's own errors and responses:
 
-* Every served PEDRO adapter is a `PedroLoRARequest` (a LoRARequest subclass) in
-  `OpenAIServingModels.lora_requests`. vLLM's `_check_model` then accepts its name (an
-  unknown name gets vLLM's own 404), `_maybe_get_adapters` picks it, responses report
-  its name as "model", and `/v1/models` lists it with the base model as parent.
-* `AsyncLLM.add_request` (patches.patch_async_llm_pedro_requests) turns a
-  PedroLoRARequest into what the offline API sends: `pedro_params(...)`, a salted prompt,
-  and no LoRA request. The engine never sees the LoRARequest.
+* Every served tenant is a `PedroLoRARequest` (a LoRARequest subclass carrying the digest
+  of its validated files) in `OpenAIServingModels.lora_requests`: vLLM's model check
+  accepts the name, picks the request, reports the name as "model", lists it in
+  /v1/models with the base model as parent; an unknown name gets vLLM's 404.
+* With --pedro-adapter-dir, a name vLLM does not know is looked up there first
+  (`PedroAdapterRegistry.resolve`): a valid folder is validated, registered and served;
+  a malformed one is a 400 that names the problem.
+* The engine client turns a PedroLoRARequest into a PEDRO request (request.with_pedro, a
+  prompt salted with this server's secret) before the engine sees it, refuses clients'
+  own `vllm_xargs` under the PEDRO key, and turns an adapter failure the engine reports
+  into a 400 naming the adapter (patches.py holds those wrappers; --enable-pedro switches
+  them on when it is parsed).
 * `POST /v1/load_pedro_adapter` and `/v1/unload_pedro_adapter` exist only when
-  VLLM_ALLOW_RUNTIME_PEDRO_UPDATING is true, and load only from directories under
-  --pedro-allowed-roots.
+  VLLM_ALLOW_RUNTIME_PEDRO_UPDATING is true, and load only from --pedro-allowed-roots.
 
-`PedroEndpoints` is a `vllm.endpoint_plugins` plugin (attach_router / init_state):
-`vllm-pedro serve` (cli_serve.py) calls it directly; vLLM's own server loads it when the
-entry point `pedro = vllm_pedro.vllm.serving:PedroEndpoints` is registered in that group
-and VLLM_PLUGINS names "pedro".
+`PedroEndpoints` is a `vllm.endpoint_plugins` plugin (attach_router / init_state); the
+PEDRO patches add it to vLLM's server when --enable-pedro is given.
 """
 
 from __future__ import annotations
@@ -26,19 +28,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from argparse import Namespace
 from http import HTTPStatus
 
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
+from vllm.exceptions import VLLMClientError
 from vllm.lora.request import LoRARequest
 
+from ..adapter_io import adapter_dir_entry, is_under
 from ..config import AdapterError
 from .args import PedroArgs, pedro_enabled
-from .offline import AdapterValidator, PedroRequest
+from .offline import AdapterValidator
+from .request import PedroRequest
 
 logger = logging.getLogger("vllm_pedro")
 
 RUNTIME_UPDATING_ENV = "VLLM_ALLOW_RUNTIME_PEDRO_UPDATING"
+_registry: PedroAdapterRegistry | None = None  # this process's server registry (one API server process)
 
 
 def runtime_updating_allowed() -> bool:
@@ -46,28 +53,31 @@ def runtime_updating_allowed() -> bool:
 
 
 class PedroLoRARequest(LoRARequest):  # msgspec.Struct subclass
-    """A PEDRO adapter in vLLM's LoRA registry. lora_int_id is the PEDRO adapter id."""
+    """A PEDRO tenant in vLLM's LoRA registry. lora_int_id is the PEDRO adapter id."""
+
+    pedro_digest: str | None = None
 
     def pedro_request(self) -> PedroRequest:
-        return PedroRequest(self.lora_name, self.lora_int_id, self.lora_path)
+        return PedroRequest(self.lora_name, self.lora_int_id, self.lora_path, self.pedro_digest)
 
 
 def is_pedro(lora_request) -> bool:
     return isinstance(lora_request, PedroLoRARequest)
 
 
+class PedroAdapterError(VLLMClientError):
+    """A PEDRO adapter the engine could not serve (a 400 naming the adapter and the cause)."""
+
+
+def current_registry() -> PedroAdapterRegistry | None:
+    return _registry
+
+
 def path_under_roots(path: str, roots: list[str]) -> str | None:
     """The real path of `path` if it lies inside one of `roots` (after resolving every
     symlink and `..` of both), else None."""
     real = os.path.realpath(path)
-    for root in roots:
-        r = os.path.realpath(root)
-        try:
-            if os.path.commonpath([real, r]) == r:
-                return real
-        except ValueError:  # different drives
-            continue
-    return None
+    return real if is_under(real, [os.path.realpath(r) for r in roots]) else None
 
 
 def _error(message: str, err_type: str = "BadRequestError", status: HTTPStatus = HTTPStatus.BAD_REQUEST,
@@ -78,15 +88,18 @@ def _error(message: str, err_type: str = "BadRequestError", status: HTTPStatus =
 
 
 class PedroAdapterRegistry:
-    """The front end's PEDRO adapters: names in vLLM's serving models, validated files."""
+    """The server's PEDRO tenants: names in vLLM's serving models, validated files."""
 
     def __init__(self, serving_models, vllm_config, allowed_roots: list[str] | None = None):
         self.models = serving_models
         self.args = PedroArgs.from_vllm_config(vllm_config)
         self.validator = AdapterValidator(vllm_config.model_config.hf_config, self.args)
         self.allowed_roots = [os.path.realpath(r) for r in (allowed_roots or [])]
+        self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
+        self.secret = secrets.token_hex(16)  # salts tenants' cached KV: no client can send it
         self._next_id = 1
         self._lock = asyncio.Lock()
+        self._resolving: dict[str, asyncio.Lock] = {}
 
     # -- what is served ------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -112,16 +125,16 @@ class PedroAdapterRegistry:
             raise AdapterError(f"base_model_name {base_model_name!r} is not a served model (served: {served})")
         return base_model_name
 
-    def _add(self, name: str, path: str, base_model_name: str | None = None) -> PedroLoRARequest:
+    def _add(self, name: str, path: str, base_model_name: str | None = None,
+             allowed_roots: list[str] | None = None) -> PedroLoRARequest:
         """Validate (raises AdapterError / OSError) and register. Adapter ids are never
-        reused, so a worker's cached copy of an unloaded adapter can never be mistaken for
-        a new one, and the KV cache salt differs."""
+        reused, so a worker's row of an unloaded adapter is never mistaken for a new one,
+        and the KV cache salt differs."""
         int_id = self._next_id
-        req = PedroRequest(name, int_id, path)
-        self.validator.check(req)
         self._next_id += 1
+        req = self.validator.check(PedroRequest(name, int_id, path), allowed_roots)
         lora = PedroLoRARequest(lora_name=name, lora_int_id=int_id, lora_path=path,
-                                base_model_name=self._base_model_name(base_model_name))
+                                base_model_name=self._base_model_name(base_model_name), pedro_digest=req.digest)
         self.models.lora_requests[name] = lora
         logger.info("PEDRO adapter '%s' (id %d) served from %s", name, int_id, path)
         return lora
@@ -136,6 +149,29 @@ class PedroAdapterRegistry:
                 self._add(m.name, m.path, m.base_model_name)
             except (AdapterError, OSError) as e:
                 raise ValueError(f"--pedro-modules {m.name}={m.path}: {e}") from e
+
+    # -- tenants by name (--pedro-adapter-dir) ---------------------------------------------
+    async def resolve(self, name: str):
+        """None when `name` is now served from the adapter directory; an ErrorResponse (400)
+        when its folder is there but not a servable adapter; "missing" when there is none."""
+        lock = self._resolving.setdefault(name, asyncio.Lock())
+        async with lock:
+            if name in self.models.lora_requests:
+                return None
+            root = self.args.adapter_dir
+            try:
+                path = adapter_dir_entry(root, name)
+            except FileNotFoundError:
+                return "missing"
+            except AdapterError as e:
+                return _error(f"PEDRO adapter '{name}': {e}", param="model")
+            if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+                return "missing"
+            try:
+                await asyncio.to_thread(self._add, name, path, None, [os.path.realpath(root)])
+            except (AdapterError, OSError) as e:
+                return _error(f"PEDRO adapter '{name}' in the adapter directory cannot be served: {e}", param="model")
+            return None
 
     # -- runtime updating ----------------------------------------------------------------
     async def load(self, name: str | None, path: str | None):
@@ -154,10 +190,8 @@ class PedroAdapterRegistry:
                 return err
             try:
                 # Reads and checks the whole adapter: off the event loop.
-                await asyncio.to_thread(self.validator.check, PedroRequest(name, self._next_id, real))
-                self._add(name, real)
+                await asyncio.to_thread(self._add, name, real, None, self.allowed_roots)
             except (AdapterError, OSError, ValueError) as e:
-                self.validator.forget(self._next_id)
                 return _error(f"Cannot load PEDRO adapter '{name}' from '{path}': {e}", "InvalidUserInput",
                               param="pedro_path")
         return f"Success: PEDRO adapter '{name}' added successfully."
@@ -171,7 +205,7 @@ class PedroAdapterRegistry:
                 return _error(f"The PEDRO adapter '{name}' cannot be found.", "NotFoundError",
                               HTTPStatus.NOT_FOUND, param="pedro_name")
             # Requests already admitted keep their adapter (their sampling params name its
-            # path and id); new requests for this name get vLLM's 404.
+            # path, id and digest); new requests for this name get vLLM's 404.
             del self.models.lora_requests[name]
             self.validator.forget(lora.lora_int_id)
         logger.info("PEDRO adapter '%s' unloaded", name)
@@ -230,12 +264,27 @@ class PedroEndpoints:
         app.add_api_route("/v1/unload_pedro_adapter", unload_pedro_adapter, methods=["POST"])
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
+        global _registry
         if engine_client is None or not pedro_enabled(engine_client.vllm_config):
             return
-        from . import patches
-
-        patches.apply_all()  # the add_request hook; a no-op where the plugin already ran
         reg = PedroAdapterRegistry(state.openai_serving_models, engine_client.vllm_config,
                                    getattr(args, "pedro_allowed_roots", None))
         reg.add_static(reg.args.modules)
         state.pedro_registry = reg
+        _registry = reg
+        _watch_engine(engine_client)
+
+
+# -- whether the server's engine died ---------------------------------------------------------
+_served_engine = None
+
+
+def _watch_engine(engine_client) -> None:
+    global _served_engine
+    _served_engine = engine_client
+
+
+def engine_died() -> bool:
+    """Whether this process's server engine died (vLLM's server then shuts down, but its
+    serve command returns normally; `vllm-pedro serve` exits with code 1)."""
+    return bool(getattr(_served_engine, "errored", False))

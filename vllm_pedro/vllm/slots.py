@@ -1,10 +1,12 @@
-"""Vector slots beside the KV cache: one row per running PEDRO request and layer,
-written at prefill and read by every decoding step.
+"""Vector slots beside the KV cache: one row per running PEDRO request and layer, written
+at prefill and read by every decoding step.
 
-The buffer is allocated once, at model load, in the model dtype: [layers, slots, width].
-Its bytes come out of the KV-cache budget (see worker.py). A request holds a slot from
-its prefill until it finishes or is preempted; a preempted request gets a slot again
-when its prefill is recomputed."""
+The buffer is allocated once, at model load, in the model dtype: [layers, slots + 1, width].
+The last row is all ones and never handed out: base-model tokens point at it, so the
+decode scaling is one gather-multiply for every token, with no mask. Its bytes come out
+of the KV-cache budget (worker.py). A request holds a slot from its prefill until it
+finishes or is preempted; a preempted request gets a slot again when its prefill is
+recomputed."""
 
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import torch
 class SlotPool:
     def __init__(self, num_layers: int, num_slots: int, width: int, dtype: torch.dtype,
                  device: torch.device):
-        # Ones, so a stray read of an unwritten slot scales by 1 instead of by garbage.
-        self.vectors = torch.ones(num_layers, num_slots, width, dtype=dtype, device=device)
+        self.vectors = torch.ones(num_layers, num_slots + 1, width, dtype=dtype, device=device)
         self.num_slots = num_slots
+        self.ones_row = num_slots
         self._free = list(range(num_slots - 1, -1, -1))
         self.owner: dict[str, int] = {}  # request id -> slot
 
@@ -44,9 +46,6 @@ class SlotPool:
         slot = self.owner.pop(req_id, None)
         if slot is not None:
             self._free.append(slot)
-
-    def get(self, req_id: str) -> int | None:
-        return self.owner.get(req_id)
 
     def layer(self, index: int) -> torch.Tensor:
         return self.vectors[index]

@@ -1,11 +1,17 @@
-"""Tiny random-weight models the project builds itself (tests, demo, CPU benchmarks):
-a Llama or Qwen2 config from transformers, and a byte-level BPE tokenizer trained in a
-second on embedded text. Nothing is downloaded."""
+"""What tests, the tiny demo and the CPU benchmarks build on: tiny random-weight models
+(a Llama or Qwen2 config from transformers and a byte-level BPE tokenizer trained in a
+second on embedded text; nothing is downloaded), random PEDRO adapters, and helpers that
+start, wait for and stop a `vllm-pedro serve` process."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import torch
 
@@ -128,3 +134,94 @@ def build_random_adapter(model_dir: str, out_dir: str, seed: int = 0, std: float
                          rational_std: float = 0.3, **config) -> str:
     """One adapter of build_random_adapters."""
     return build_random_adapters(model_dir, {seed: out_dir}, std, rational_std, **config)[0]
+
+
+# -- servers -------------------------------------------------------------------------
+DEMO_TENANTS = {"tenant-a": 1, "tenant-b": 2}  # name -> seed of its random adapter
+SERVER_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8"]
+
+def make_demo_adapter(model_dir: str, out_dir: str, seed: int, r: int = 8, std: float = 0.5) -> str:
+    """A PEDRO adapter for `model_dir` with random non-zero generator weights (an
+    untrained adapter would leave the model unchanged); kept if `out_dir` has one."""
+    if os.path.isfile(os.path.join(out_dir, "adapter_config.json")):
+        return out_dir
+    return build_random_adapter(model_dir, out_dir, seed=seed, std=std, rational_std=0.0, r=r)
+
+
+def build_demo(workdir: str) -> tuple[str, dict[str, str]]:
+    """The tiny model and the demo adapters under `workdir` (idempotent)."""
+    model = build_tiny_model(os.path.join(workdir, "tiny-llama"), arch="llama", seed=0)
+    adapters = {name: make_demo_adapter(model, os.path.join(workdir, "adapters", name), seed)
+                for name, seed in DEMO_TENANTS.items()}
+    return model, adapters
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def start_server(model: str, adapters: dict[str, str], port: int, extra_args=(), env=None,
+                 log_file=None) -> subprocess.Popen:
+    """`vllm-pedro serve` (as `python -m vllm_pedro.cli serve`, which works without the
+    console script on PATH) in its own process group; stop it with stop_server."""
+    cmd = [sys.executable, "-m", "vllm_pedro.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
+           *SERVER_FLAGS, "--enable-pedro", "--pedro-modules", *[f"{n}={p}" for n, p in adapters.items()],
+           *extra_args]
+    return subprocess.Popen(cmd, env=env or server_env(), stdout=log_file or subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, port: int, timeout: float = 240.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the server was not ready after {timeout:.0f} s")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60.0) -> bool:
+    """SIGTERM the server; True when its whole process group (engine included) exited in
+    time. Whatever is left after the timeout is killed."""
+    pgid = proc.pid  # start_new_session: the server leads its own group
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    clean = False
+    while time.monotonic() < deadline:
+        proc.poll()
+        if proc.returncode is not None and not group_alive(pgid):
+            clean = True
+            break
+        time.sleep(0.2)
+    if not clean and group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    return clean

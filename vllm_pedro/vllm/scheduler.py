@@ -1,0 +1,210 @@
+"""The PEDRO scheduler: vLLM's scheduler (named by `scheduler_cls`, a public option) plus
+the lifetimes of PEDRO adapters, in the engine core.
+
+* A PEDRO request's adapter is wanted from the host store when the request arrives, so
+  it is read on a loader thread while the request waits; the request is scheduled only
+  once its adapter is READY (the rest of the batch does not wait for it).
+* One step prefills PEDRO prompts of at most `max_pedro_adapters` distinct adapters, the
+  rows of the worker's device cache (further prefills wait a step, as vLLM's scheduler
+  does for `max_loras`). Decoding requests need no row: any number of tenants decode.
+* The scheduler owns the device rows: it picks a row for each adapter of the step (least
+  recently used out) and hands the worker a `PedroStepPlan` on the scheduler output: the
+  rows of the step's prefills and the validated weights of rows to (re)fill. The worker
+  reads no file and decides nothing.
+* A request whose adapter cannot be served fails alone: finish reason "error", the reason
+  (naming the adapter) as its stop_reason; the engine goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.request import RequestStatus
+
+from ..config import BaseShapes
+from .args import PedroArgs
+from .request import ERROR_PREFIX, PedroRequest, pedro_request_of
+from .store import AdapterWeights, HostAdapterStore, State, default_capacity
+
+logger = logging.getLogger("vllm_pedro")
+
+
+@dataclass
+class PedroStepPlan:
+    """What the worker does for PEDRO in one step (attached as scheduler_output.pedro)."""
+
+    prefills: dict[str, tuple[int, int]] = field(default_factory=dict)  # req_id -> (row, prompt tokens)
+    loads: dict[int, AdapterWeights] = field(default_factory=dict)  # row -> weights to write first
+    poolers: frozenset[str] = frozenset()  # of the rows the step's prefills use
+    activations: frozenset[str] = frozenset()
+
+
+class DeviceRows:
+    """The scheduler's map of the worker's device adapter cache: adapter digest -> row,
+    least recently used first."""
+
+    def __init__(self, num_rows: int):
+        self.num_rows = num_rows
+        self.row_of: OrderedDict[str, int] = OrderedDict()
+
+    def assign(self, keys: list[str]) -> tuple[dict[str, int], list[tuple[str, int]]]:
+        """Rows for the distinct `keys` of one step (at most num_rows). Returns key -> row and
+        the (key, row) pairs whose row must be (re)filled."""
+        assert len(keys) <= self.num_rows, (len(keys), self.num_rows)
+        for k in keys:
+            if k in self.row_of:
+                self.row_of.move_to_end(k)
+        fills = []
+        wanted = set(keys)
+        for k in keys:
+            if k in self.row_of:
+                continue
+            if len(self.row_of) < self.num_rows:
+                used = set(self.row_of.values())
+                row = next(r for r in range(self.num_rows) if r not in used)
+            else:
+                victim = next(v for v in self.row_of if v not in wanted)
+                row = self.row_of.pop(victim)
+            self.row_of[k] = row
+            fills.append((k, row))
+        return {k: self.row_of[k] for k in keys}, fills
+
+
+class PedroSchedulerMixin:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pedro_args = PedroArgs.from_vllm_config(self.vllm_config)
+        model_config = self.vllm_config.model_config
+        base = BaseShapes.from_hf_config(model_config.hf_config)
+        capacity = self.pedro_args.max_cpu_adapters or max(
+            self.pedro_args.max_adapters, default_capacity(base, self.pedro_args.max_rank, model_config.dtype))
+        pin = self.vllm_config.device_config.device_type == "cuda"
+        self.pedro_store = HostAdapterStore(base, self.pedro_args, model_config.dtype, capacity, pin=pin)
+        self.pedro_rows = DeviceRows(self.pedro_args.max_adapters)
+        self.pedro_requests: dict[str, PedroRequest] = {}  # unfinished PEDRO requests
+        self._pedro_pinned: set[str] = set()  # requests whose adapter is pinned until their prefill
+        self._pedro_failed: dict[str, str] = {}  # req_id -> message, finished at the next output
+        self._pedro_step_keys: set[str] = set()
+        logger.info("PEDRO: host adapter store of %d adapters%s, %d device rows", capacity,
+                    " (pinned memory)" if pin else "", self.pedro_args.max_adapters)
+
+    # -- arrivals and departures ------------------------------------------------------------
+    def add_request(self, request) -> None:
+        try:
+            ref = pedro_request_of(request.sampling_params)
+        except ValueError as e:
+            ref = None
+            self._pedro_failed[request.request_id] = f"{ERROR_PREFIX}: {e}"
+        if ref is not None:
+            self.pedro_requests[request.request_id] = ref
+            self._want(request.request_id, ref)  # the read starts now, while the request waits
+        super().add_request(request)
+
+    def finish_requests(self, request_ids, finished_status):
+        finished = super().finish_requests(request_ids, finished_status)
+        for request in finished:
+            self._forget(request.request_id)
+        return finished
+
+    def _want(self, req_id: str, ref: PedroRequest):
+        pin = req_id not in self._pedro_pinned
+        if pin:
+            self._pedro_pinned.add(req_id)
+        return self.pedro_store.want(ref, pin=pin)
+
+    def _unpin(self, req_id: str) -> None:
+        if req_id in self._pedro_pinned:
+            self._pedro_pinned.discard(req_id)
+            self.pedro_store.release(self.pedro_requests[req_id])
+
+    def _forget(self, req_id: str) -> None:
+        if req_id in self.pedro_requests:
+            self._unpin(req_id)
+            del self.pedro_requests[req_id]
+
+    # -- scheduling -------------------------------------------------------------------------
+    def _handle_blocked_waiting_request(self, request) -> bool:
+        """vLLM asks this of every waiting request it is about to schedule (private hook,
+        patches.REGISTER): False keeps it waiting this step."""
+        if not super()._handle_blocked_waiting_request(request):
+            return False
+        req_id = request.request_id
+        if req_id in self._pedro_failed:
+            return False
+        ref = self.pedro_requests.get(req_id)
+        if ref is None:
+            return True
+        entry = self._want(req_id, ref)
+        if entry.state is State.FAILED:
+            self._pedro_failed[req_id] = f"{ERROR_PREFIX} {ref.name!r}: {entry.error}"
+            return False
+        if entry.state is not State.READY:
+            return False  # loading, or waiting for room in the store
+        key = ref.digest
+        if key not in self._pedro_step_keys and len(self._pedro_step_keys) >= self.pedro_rows.num_rows:
+            return False  # the step's device rows are taken: prefill in a later step
+        self._pedro_step_keys.add(key)
+        return True
+
+    def schedule(self, *args, **kwargs):
+        self._pedro_step_keys = set()
+        out = super().schedule(*args, **kwargs)
+        out.pedro = self._plan(out)
+        return out
+
+    def _plan(self, out) -> PedroStepPlan | None:
+        starting = [r.req_id for r in out.scheduled_new_reqs]
+        starting += list(out.scheduled_cached_reqs.resumed_req_ids)  # recomputed after preemption
+        prefills = [r for r in starting if r in self.pedro_requests]
+        if not prefills:
+            return None
+        keys = list(dict.fromkeys(self.pedro_requests[r].digest for r in prefills))
+        rows, fills = self.pedro_rows.assign(keys)
+        plan = PedroStepPlan(loads={row: self.pedro_store.get(k) for k, row in fills})
+        configs = []
+        for req_id in prefills:
+            ref = self.pedro_requests[req_id]
+            plan.prefills[req_id] = (rows[ref.digest], self.requests[req_id].num_prompt_tokens)
+            configs.append(self.pedro_store.get(ref.digest).config)
+            self._unpin(req_id)  # prefilled: decoding needs no adapter
+        plan.poolers = frozenset(c.pooler for c in configs)
+        plan.activations = frozenset(c.activation for c in configs)
+        return plan
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        failed = self._pedro_failed
+        self._pedro_failed = {}
+        finished = self.finish_requests(list(failed), RequestStatus.FINISHED_ERROR) if failed else []
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for request in finished:
+            message = failed[request.request_id]
+            logger.warning("PEDRO request %s failed: %s", request.request_id, message)
+            eco = outputs.setdefault(request.client_index, EngineCoreOutputs())
+            eco.outputs.append(EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
+                                                finish_reason=request.get_finished_reason(),
+                                                stop_reason=message, events=request.take_events(),
+                                                trace_headers=request.trace_headers))
+        return outputs
+
+    def shutdown(self) -> None:
+        self.pedro_store.shutdown()
+        super().shutdown()
+
+
+_classes: dict[type, type] = {}
+
+
+class PedroScheduler:
+    """Named by `scheduler_cls`: vLLM's Scheduler, or its AsyncScheduler when async
+    scheduling is on (decided by vLLM after the engine arguments), with the PEDRO mixin."""
+
+    def __new__(cls, vllm_config, *args, **kwargs):
+        base = AsyncScheduler if vllm_config.scheduler_config.async_scheduling else Scheduler
+        if base not in _classes:
+            _classes[base] = type(f"Pedro{base.__name__}", (PedroSchedulerMixin, base), {})
+        return _classes[base](vllm_config, *args, **kwargs)
