@@ -226,7 +226,7 @@ def test_store_refuses_changed_files_and_unservable_adapters(adapter_dirs, tmp_p
         ref = ref_of(str(moved), 0)
         shutil.copy(f"{adapter_dirs[1]}/adapter_model.safetensors", moved / "adapter_model.safetensors")
         e = settle(store, ref)
-        assert e.state is State.FAILED and "changed after the adapter was validated" in e.error
+        assert e.state is State.FAILED and "changed after it was validated" in e.error
         e = settle(store, ref_of(adapter_dirs[0], 1))
         assert e.state is State.FAILED and "not served" in e.error
         assert store.num_resident == 0

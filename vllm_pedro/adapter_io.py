@@ -138,7 +138,7 @@ def _read_file(directory: str, name: str, max_bytes: int, allowed_roots: list[st
                                    "a file outside the allowed roots, so it is refused")
         if st.st_size > max_bytes:
             raise AdapterError(f"{name} in {directory!r} is {st.st_size} bytes, more than the {max_bytes} "
-                               "an adapter of this shape can hold")
+                               "bytes it may have (for the weights: what the config's shapes need)")
         chunks, left = [], max_bytes + 1
         while left > 0:
             b = os.read(fd, min(left, 1 << 22))

@@ -104,22 +104,24 @@ def _apply_add_request() -> None:
     signature = inspect.signature(original)
 
     async def add_request(self, *args, **kwargs):
+        from vllm.exceptions import VLLMValidationError
+
         from .request import EXTRA_ARGS_KEY, salted_prompt, with_pedro
         from .serving import current_registry, is_pedro
 
         bound = signature.bind(self, *args, **kwargs)
         lora, params = bound.arguments.get("lora_request"), bound.arguments["params"]
         if EXTRA_ARGS_KEY in (getattr(params, "extra_args", None) or {}):
-            raise ValueError(f"the extra argument key {EXTRA_ARGS_KEY!r} (vllm_xargs) is reserved for PEDRO; "
-                             "choose a tenant with \"model\"")
+            raise VLLMValidationError(f"the extra argument key {EXTRA_ARGS_KEY!r} (vllm_xargs) is reserved for "
+                                      "PEDRO; choose a tenant with \"model\"", parameter="vllm_xargs")
         if is_pedro(lora):
             req, reg = lora.pedro_request(), current_registry()
             prompt = bound.arguments["prompt"]
             if not isinstance(params, SamplingParams):
-                raise ValueError(f"PEDRO adapter {req.name!r}: PEDRO adapters serve text generation only")
+                raise VLLMValidationError(f"PEDRO adapter {req.name!r}: PEDRO adapters serve text generation only")
             if not isinstance(prompt, (str, dict)):
-                raise ValueError(f"PEDRO adapter {req.name!r}: {type(prompt).__name__} prompts are not "
-                                 "supported (rendered token or text prompts only)")
+                raise VLLMValidationError(f"PEDRO adapter {req.name!r}: {type(prompt).__name__} prompts are not "
+                                          "supported (rendered token or text prompts only)")
             bound.arguments["prompt"] = salted_prompt(prompt, req, reg.secret, reg.prefix_caching)
             bound.arguments["params"] = with_pedro(params, req)
             bound.arguments["lora_request"] = None

@@ -8,8 +8,7 @@ by worker.py and follows three of its steps (private hooks, listed in patches.RE
                      scheduler's PedroStepPlan (row writes, slots of new prefills)
   _prepare_inputs -> this step's token -> slot map and the prefill segments
 
-Decode-only steps cost array operations only: the per-request slot array is rebuilt
-(from the slot dict, without a Python loop) only when the batch's requests changed.
+Decode-only steps cost array operations only (StepMap).
 """
 
 from __future__ import annotations
@@ -41,6 +40,73 @@ class PrefillStep:
     activations: frozenset[str]
 
 
+class StepMap:
+    """Which slot row each token of a step reads, and the step's prefill segments.
+
+    A request's slot is kept in a dict from its prefill until it finishes or is preempted
+    (vLLM keeps request_lora_mapping the same way); the per-request slot array in batch
+    order is rebuilt, with one C-level pass over the dict, only when the batch's requests
+    joined, left or moved. A decode step whose batch is the last step's does nothing: the
+    device map is already right."""
+
+    def __init__(self, slots: SlotPool, max_tokens: int, max_reqs: int, device):
+        self.slots, self.device = slots, device
+        ones = slots.ones_row
+        self.token_slot_np = np.full(max_tokens, ones, dtype=np.int32)
+        self.token_slot = torch.from_numpy(self.token_slot_np).to(device)  # static: CUDA graphs read it
+        self._req_slots = np.full(max_reqs, ones, dtype=np.int32)
+        self._batch_ids: list[str] = []
+        self._num_sched = np.zeros(0, dtype=np.int32)
+        self._num_tokens = 0
+        self.num_rebuilds = 0  # steps whose request -> slot array was rebuilt (tests read it)
+
+    def update(self, finished, preempted, prefills) -> None:
+        """Slots of finished and preempted requests are free; prefilling requests get one."""
+        for req_id in finished:
+            self.slots.release(req_id)
+        for req_id in preempted or ():
+            self.slots.release(req_id)  # refilled when its prefill is recomputed
+        for req_id in prefills:
+            self.slots.acquire(req_id)
+
+    def prepare(self, ids: list[str], req_id_to_index: dict[str, int], num_sched: np.ndarray,
+                plan) -> PrefillStep | None:
+        """ids: the batch's request ids in order; num_sched: their scheduled tokens."""
+        n = len(ids)
+        if plan is not None or ids != self._batch_ids:  # requests joined, left or moved
+            self._batch_ids = list(ids)
+            self._req_slots[:n] = np.fromiter(map(self.slots.owner.get, ids, repeat(self.slots.ones_row)),
+                                              dtype=np.int32, count=n)
+            self.num_rebuilds += 1
+        elif np.array_equal(num_sched, self._num_sched):
+            return None  # a decode step like the last one: the device map is current
+        self._num_sched = num_sched.copy()
+        total = int(num_sched.sum())
+        tokens = self.token_slot_np
+        tokens[:total] = np.repeat(self._req_slots[:n], num_sched)
+        tokens[total:self._num_tokens] = self.slots.ones_row  # padding and last step's tail
+        upto = max(total, self._num_tokens)
+        self.token_slot[:upto].copy_(torch.from_numpy(tokens[:upto]), non_blocking=True)
+        self._num_tokens = total
+        return None if plan is None else self._prefill_step(req_id_to_index, plan, num_sched)
+
+    def _prefill_step(self, req_id_to_index, plan, num_sched: np.ndarray) -> PrefillStep:
+        starts = np.concatenate([[0], np.cumsum(num_sched)])
+        idx = np.array([req_id_to_index[r] for r in plan.prefills], dtype=np.int64)
+        rows = np.array([row for row, _ in plan.prefills.values()], dtype=np.int64)
+        lens = np.array([plen for _, plen in plan.prefills.values()], dtype=np.int64)
+        short = num_sched[idx] < lens
+        if short.any():
+            raise RuntimeError(f"PEDRO: {int(short.sum())} prompt(s) were not scheduled whole in one step; PEDRO "
+                               "needs every prompt in one prefill (chunked prefill must stay off)")
+        slots = np.array([self.slots.owner[r] for r in plan.prefills], dtype=np.int64)
+        seg = np.repeat(np.arange(len(lens)), lens)
+        offsets = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        tok = np.repeat(starts[idx], lens) + offsets
+        dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        return PrefillStep(dev(tok), dev(seg), dev(rows), dev(slots), plan.poolers, plan.activations)
+
+
 class PedroRuntime:
     def __init__(self, runner, args: PedroArgs):
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
@@ -56,23 +122,16 @@ class PedroRuntime:
         self.q_size, self.kv_size = qkv.num_heads * qkv.head_size, qkv.num_kv_heads * qkv.head_size
         self.columns = self.layout.columns()
         device, dtype = runner.device, runner.model_config.dtype
-        self.device = device
         self.ops = ops.backend(device)  # resolved once (VLLM_PEDRO_OPS_BACKEND read here)
         self.traced = traced_scaling(runner.vllm_config)
-        self.slots = SlotPool(self.base.num_layers, runner.scheduler_config.max_num_seqs, self.layout.width,
-                              dtype, device)
+        max_reqs = runner.scheduler_config.max_num_seqs
+        self.slots = SlotPool(self.base.num_layers, max_reqs, self.layout.width, dtype, device)
         self.adapters = DeviceAdapterCache(self.base, self.layout, args.max_adapters, args.max_rank, dtype, device)
-        ones = self.slots.ones_row
-        self.token_slot_np = np.full(runner.max_num_tokens, ones, dtype=np.int32)
-        self.token_slot = torch.from_numpy(self.token_slot_np).to(device)  # static: CUDA graphs read it
-        self._req_slots = np.full(runner.scheduler_config.max_num_seqs, ones, dtype=np.int32)
-        self._batch_ids: list[str] = []
-        self._num_sched = np.zeros(0, dtype=np.int32)
-        self._num_tokens = 0
+        self.map = StepMap(self.slots, runner.max_num_tokens, max_reqs, device)
+        self.token_slot = self.map.token_slot
         self._plan = None
         self.step: PrefillStep | None = None
         self.num_prefills = 0  # PEDRO prefills run (recomputed ones after preemption count again)
-        self.num_map_rebuilds = 0  # steps whose request -> slot array was rebuilt
         set_runtime(self)
 
     @property
@@ -81,60 +140,21 @@ class PedroRuntime:
         return self.slots.nbytes + self.adapters.nbytes
 
     def update_states(self, scheduler_output) -> None:
-        """After vLLM's _update_states: slots of finished and preempted requests are free;
-        the plan's rows are written and its prefills get slots."""
-        for req_id in scheduler_output.finished_req_ids:
-            self.slots.release(req_id)
-        for req_id in scheduler_output.preempted_req_ids or ():
-            self.slots.release(req_id)  # refilled when its prefill is recomputed
+        """After vLLM's _update_states: the plan's rows are written, slots follow requests."""
         plan = self._plan = getattr(scheduler_output, "pedro", None)
         if plan is not None:
             for row, weights in plan.loads.items():
                 self.adapters.write(row, weights)
-            for req_id in plan.prefills:
-                self.slots.acquire(req_id)
+        self.map.update(scheduler_output.finished_req_ids, scheduler_output.preempted_req_ids,
+                        plan.prefills if plan is not None else ())
 
     def prepare_step(self, batch, num_scheduled_tokens: np.ndarray) -> None:
-        """After vLLM's _prepare_inputs: the token -> slot map of this step (base tokens read
-        the ones row) and, with prefills, their segments."""
+        """After vLLM's _prepare_inputs: this step's token -> slot map and prefill segments."""
         n = batch.num_reqs
-        ids = batch.req_ids[:n]
-        num_sched = num_scheduled_tokens[:n]
         plan, self._plan = self._plan, None
-        if plan is not None or ids != self._batch_ids:  # requests joined, left or moved
-            self._batch_ids = list(ids)
-            self._req_slots[:n] = np.fromiter(map(self.slots.owner.get, ids, repeat(self.slots.ones_row)),
-                                              dtype=np.int32, count=n)
-            self.num_map_rebuilds += 1
-        elif np.array_equal(num_sched, self._num_sched):
-            self.step = None  # a decode step like the last one: the device map is current
-            return
-        self._num_sched = num_sched.copy()
-        total = int(num_sched.sum())
-        tokens = self.token_slot_np
-        tokens[:total] = np.repeat(self._req_slots[:n], num_sched)
-        tokens[total:self._num_tokens] = self.slots.ones_row  # padding and last step's tail
-        self.token_slot[:max(total, self._num_tokens)].copy_(
-            torch.from_numpy(tokens[:max(total, self._num_tokens)]), non_blocking=True)
-        self._num_tokens = total
-        self.step = None if plan is None else self._prefill_step(batch, plan, num_sched)
-
-    def _prefill_step(self, batch, plan, num_sched: np.ndarray) -> PrefillStep:
-        starts = np.concatenate([[0], np.cumsum(num_sched)])
-        idx = np.array([batch.req_id_to_index[r] for r in plan.prefills], dtype=np.int64)
-        rows = np.array([row for row, _ in plan.prefills.values()], dtype=np.int64)
-        lens = np.array([plen for _, plen in plan.prefills.values()], dtype=np.int64)
-        short = num_sched[idx] < lens
-        if short.any():
-            raise RuntimeError(f"PEDRO: {int(short.sum())} prompt(s) were not scheduled whole in one step; PEDRO "
-                               "needs every prompt in one prefill (chunked prefill must stay off)")
-        slots = np.array([self.slots.owner[r] for r in plan.prefills], dtype=np.int64)
-        seg = np.repeat(np.arange(len(lens)), lens)
-        offsets = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        tok = np.repeat(starts[idx], lens) + offsets
-        self.num_prefills += len(lens)
-        dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
-        return PrefillStep(dev(tok), dev(seg), dev(rows), dev(slots), plan.poolers, plan.activations)
+        self.step = self.map.prepare(batch.req_ids[:n], batch.req_id_to_index, num_scheduled_tokens[:n], plan)
+        if self.step is not None:
+            self.num_prefills += len(plan.prefills)
 
     def end_step(self) -> None:
         self.step = None

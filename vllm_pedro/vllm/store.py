@@ -181,12 +181,16 @@ class HostAdapterStore:
         try:
             files = read_adapter_files(ref.path)
             self.stats.disk_reads += 1
-            if files.digest != ref.digest:
-                raise AdapterError(f"the files in {ref.path!r} changed after the adapter was validated "
-                                   f"(sha256 {files.digest[:12]}..., validated {ref.digest[:12]}...); "
-                                   "load it again to serve the new files")
-            config, tensors = parse_adapter(files, self.base)
-            check_servable(config, self.serving)
+            changed = files.digest != ref.digest
+            try:
+                config, tensors = parse_adapter(files, self.base)
+                check_servable(config, self.serving)
+            except AdapterError as e:
+                raise AdapterError(f"{e} (its files changed after it was validated)" if changed else str(e)) from e
+            if changed:
+                raise AdapterError(f"its files in {ref.path!r} changed after it was validated (now sha256 "
+                                   f"{files.digest[:12]}..., validated {ref.digest[:12]}...); load it again to "
+                                   "serve the new files")
             weights = AdapterWeights.build(config, key, tensors, self.dtype, self.pin)
             entry.weights, entry.state = weights, State.READY
         except (AdapterError, OSError) as e:
