@@ -46,7 +46,7 @@ try:
 except ImportError:  # a checkout that is not installed
     sys.path.insert(0, str(ROOT))
 from vllm_pedro import PedroConfig, ops
-from vllm_pedro.hf.model import base_shapes_of, find_decoder_layers, get_pedro_model
+from vllm_pedro.hf.model import find_decoder_layers, get_pedro_model
 
 SHAPES = {  # LlamaConfig keyword arguments of real models (weights random)
     "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -9,7 +9,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from hostile_adapters import SERVING_KINDS, WEIGHTS, build_corpus
 from vllm_pedro.adapter_io import adapter_dir_entry, load_adapter, read_adapter_files

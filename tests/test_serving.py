@@ -79,11 +79,18 @@ def setup(tmp_path_factory):
     make_demo_adapter(other_model, str(root / "other-base"), seed=4)
     os.symlink(adapters["tenant-a"], root / "escape")
 
+    # tenant-h: tenant-a's adapter as the Hugging Face Hub id acme/tenant-a, from a local HF cache, Hub off.
+    from test_hub import fake_hub_cache
+
+    hf_cache = str(work / "hf-cache")
+    fake_hub_cache(hf_cache, "acme/tenant-a", adapters["tenant-a"])
     port = free_port()
     log_path = work / "server.log"
     log = open(log_path, "w")
-    proc = start_server(model, adapters, port, extra_args=["--pedro-allowed-roots", str(root), "--max-model-len", "512"],
-                        env=server_env(VLLM_ALLOW_RUNTIME_PEDRO_UPDATING=1), log_file=log)
+    proc = start_server(model, {**adapters, "tenant-h": "acme/tenant-a"}, port,
+                        extra_args=["--pedro-allowed-roots", str(root), "--max-model-len", "512"],
+                        env=server_env(VLLM_ALLOW_RUNTIME_PEDRO_UPDATING=1, HF_HUB_CACHE=hf_cache, HF_HUB_OFFLINE=1),
+                        log_file=log)
     cfg = dict(model=model, adapters={**adapters, "tenant-c": tenant_c}, prompts=PROMPTS, chat=CHAT,
                max_tokens=MAX_TOKENS, long_tokens=LONG_TOKENS)
     ref_env = server_env(VLLM_ENABLE_V1_MULTIPROCESSING=0)
@@ -140,7 +147,8 @@ def names(setup):
 def test_models_list(setup, client):
     cards = {m.id: m for m in client.models.list().data}
     base = setup["model"]
-    assert set(cards) == {base, "tenant-a", "tenant-b"}
+    assert set(cards) == {base, "tenant-a", "tenant-b", "tenant-h"}
+    assert cards["tenant-h"].parent == base and "models--acme--tenant-a" in cards["tenant-h"].root
     for name in ("tenant-a", "tenant-b"):
         assert cards[name].parent == base
         assert cards[name].root == setup["adapters"][name]
@@ -166,6 +174,14 @@ def test_chat_matches_offline(setup, client, stream):
         served_as, text = chat(client, model, stream=stream)
         assert served_as == model
         assert text == ref[key]["chat"], key
+
+
+def test_a_hub_id_tenant_is_served_from_the_hf_cache(setup, client):
+    """--pedro-modules tenant-h=acme/tenant-a: tenant-a's adapter through the Hugging Face
+    cache (no network), so it answers exactly as tenant-a."""
+    ref = setup["reference"]
+    for i, prompt in enumerate(PROMPTS):
+        assert complete(client, "tenant-h", prompt)[1] == ref["tenant-a"]["completions"][i]
 
 
 def test_unknown_model_is_404_and_server_keeps_serving(setup, client):
@@ -220,26 +236,26 @@ def test_runtime_load_refusals(setup, client):
     assert "allowed root" in cases["outside roots"].json()["error"]["message"]
     assert "already" in cases["duplicate name"].json()["error"]["message"]
     # Nothing was added, and the server still serves.
-    assert {m.id for m in client.models.list().data} == {setup["model"], "tenant-a", "tenant-b"}
+    assert {m.id for m in client.models.list().data} == {setup["model"], "tenant-a", "tenant-b", "tenant-h"}
     assert complete(client, "tenant-b", PROMPTS[0])[1] == setup["reference"]["tenant-b"]["completions"][0]
     assert unload(setup, "t-never-loaded").status_code == 404
 
 
 def unload_during_requests(setup, client, jobs):
-    """Start `jobs` [(reference key, model)] as long streaming requests, unload tenant-c as
-    soon as every tenant-c request was admitted (its response headers arrived: the server
-    accepted the name) and the first tenant-c token arrived; return (texts, whether some
-    tenant-c request was still streaming after the unload returned)."""
+    """Open the tenant-c streams of `jobs` [(reference key, model)] first (each admitted:
+    the server accepted the name and answered with headers), then the other requests, all
+    long; unload tenant-c as soon as the first tenant-c token arrives. Returns (texts,
+    whether some tenant-c request was still streaming after the unload returned)."""
     started = threading.Event()
-    admitted = threading.Semaphore(0)
     results, errors, last_chunk = {}, {}, {}
 
-    def run(i, key, model):
+    def open_stream(model):
+        return client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=LONG_TOKENS, temperature=0,
+                                         stream=True, extra_body={"ignore_eos": True})
+
+    def run(i, key, stream_or_model):
         try:
-            stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=LONG_TOKENS, temperature=0,
-                                               stream=True, extra_body={"ignore_eos": True})
-            if key == "tenant-c":
-                admitted.release()
+            stream = stream_or_model if key == "tenant-c" else open_stream(stream_or_model)
             text = []
             for chunk in stream:
                 if chunk.choices:
@@ -253,11 +269,10 @@ def unload_during_requests(setup, client, jobs):
         finally:
             started.set()
 
-    threads = [threading.Thread(target=run, args=(i, *job)) for i, job in enumerate(jobs)]
+    opened = {i: open_stream(model) for i, (key, model) in enumerate(jobs) if key == "tenant-c"}
+    threads = [threading.Thread(target=run, args=(i, key, opened.get(i, model))) for i, (key, model) in enumerate(jobs)]
     for t in threads:
         t.start()
-    for _ in range(sum(key == "tenant-c" for key, _ in jobs)):
-        assert admitted.acquire(timeout=120)
     assert started.wait(120)
     r = unload(setup, "tenant-c")
     unloaded_at = time.monotonic()

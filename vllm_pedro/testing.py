@@ -174,8 +174,8 @@ def start_server(model: str, adapters: dict[str, str], port: int, extra_args=(),
     """`vllm-pedro serve` (as `python -m vllm_pedro.cli serve`, which works without the
     console script on PATH) in its own process group; stop it with stop_server."""
     cmd = [sys.executable, "-m", "vllm_pedro.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-           *SERVER_FLAGS, "--enable-pedro", "--pedro-modules", *[f"{n}={p}" for n, p in adapters.items()],
-           *extra_args]
+           *SERVER_FLAGS, "--enable-pedro", *(["--pedro-modules", *[f"{n}={p}" for n, p in adapters.items()]]
+                                             if adapters else []), *extra_args]
     return subprocess.Popen(cmd, env=env or server_env(), stdout=log_file or subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -36,7 +36,6 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(ROOT))
     from vllm_pedro import ops
-from vllm_pedro.ops import cuda as ops_cuda
 from vllm_pedro.ops import reference
 
 MODELS = {

@@ -85,29 +85,36 @@ def get_task(name: str) -> TaskSpec:
 
 
 def default_cache_dir() -> str:
-    """$VLLM_PEDRO_CACHE or ~/.cache/vllm-pedro (the cache vllm_pedro.models uses too)."""
-    return os.path.expanduser(os.environ.get("VLLM_PEDRO_CACHE") or os.path.join("~", ".cache", "vllm-pedro"))
+    """$VLLM_PEDRO_CACHE or ~/.cache/vllm-pedro (the cache fetch-model uses too)."""
+    from vllm_pedro.tools.models import cache_root
+
+    return cache_root()
 
 
 # -- fetch and extract -------------------------------------------------------------------
 def fetch_bigbench(cache_dir: str | None = None, progress: bool = True) -> str:
-    """Path of the bigbench sdist, downloaded with pip into `cache_dir`/bigbench once."""
+    """Path of the bigbench sdist, downloaded with pip into `cache_dir`/bigbench once.
+
+    pip >= 26.3 refuses the download even with --no-deps (it prepares the sdist's metadata
+    and rejects a PyPI distribution that declares a direct-URL dependency; bigbench declares
+    bleurt @ file://...), so a refusal is retried with the pip that `python -m venv` bundles
+    (ensurepip: nothing extra is downloaded), which downloads it as before."""
     cache_dir = os.path.join(cache_dir or default_cache_dir(), "bigbench")
     path = os.path.join(cache_dir, SDIST_NAME)
     if os.path.isfile(path) and tarfile.is_tarfile(path):
         return path
     os.makedirs(cache_dir, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "-d", cache_dir, f"bigbench=={BIGBENCH_VERSION}"]
     if progress:
         print(f"downloading bigbench=={BIGBENCH_VERSION} (358 MB, once) into {cache_dir} ...", file=sys.stderr,
               flush=True)
-    try:
-        # pip draws its own download progress bar on stderr when it is shown.
-        res = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE,
-                             stderr=None if progress else subprocess.PIPE, text=True)
-    except OSError as e:
-        raise TaskDataError(f"could not run pip to download bigbench: {e}") from e
+    res, cmd = _pip_download(sys.executable, cache_dir, progress)
+    if res.returncode != 0 or not os.path.isfile(path):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bigbench-pip-") as venv:
+            made = subprocess.run([sys.executable, "-m", "venv", venv], capture_output=True, text=True)
+            if made.returncode == 0:
+                res, cmd = _pip_download(os.path.join(venv, "bin", "python"), cache_dir, progress)
     if res.returncode != 0 or not os.path.isfile(path):
         detail = (res.stderr or "")[-800:] if not progress else "(see pip's output above)"
         raise TaskDataError(
@@ -115,6 +122,17 @@ def fetch_bigbench(cache_dir: str | None = None, progress: bool = True) -> str:
             f"Is the package registry reachable (no network?)? You can also place {SDIST_NAME} in "
             f"{cache_dir} yourself. {detail}")
     return path
+
+
+def _pip_download(python: str, dest: str, progress: bool):
+    cmd = [python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", dest,
+           f"bigbench=={BIGBENCH_VERSION}"]
+    try:
+        # pip draws its own download progress bar on stderr when it is shown.
+        return subprocess.run(cmd, stdout=None if progress else subprocess.PIPE,
+                              stderr=None if progress else subprocess.PIPE, text=True), cmd
+    except OSError as e:
+        raise TaskDataError(f"could not run pip to download bigbench: {e}") from e
 
 
 def _member_name(top: str, task: str) -> str:

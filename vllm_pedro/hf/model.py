@@ -13,6 +13,7 @@ from torch import nn
 from ..adapter_io import check_base_shapes, load_adapter, save_adapter, validate_tensors
 from ..config import BaseShapes, PedroConfig
 from ..generator import VectorGenerator
+from ..hub import resolve_adapter
 from .layer import PedroLayerHooks, PedroState
 
 
@@ -96,7 +97,9 @@ class PedroModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str) -> PedroModel:
-        config, tensors = load_adapter(directory, base=base_shapes_of(model))
+        """A saved adapter: a local folder, or a Hugging Face Hub id ("org/repo") through the
+        Hugging Face cache."""
+        config, tensors = load_adapter(resolve_adapter(directory), base=base_shapes_of(model))
         pm = cls(model, config)
         pm.load_adapter_tensors(tensors)
         return pm

@@ -21,6 +21,7 @@ from vllm.outputs import CompletionOutput, RequestOutput
 
 from ..adapter_io import adapter_dir_entry, parse_adapter, read_adapter_files
 from ..config import AdapterError, BaseShapes
+from ..hub import resolve_adapter
 from .args import PedroArgs, merge_engine_kwargs
 from .request import PedroRequest, check_servable, salted_prompt, with_pedro
 
@@ -35,23 +36,27 @@ class AdapterValidator:
     def __init__(self, hf_config, args: PedroArgs):
         self.base = BaseShapes.from_hf_config(hf_config)
         self.args = args
-        self._ok: dict[int, PedroRequest] = {}  # int_id -> the validated request
+        self._ok: dict[int, PedroRequest] = {}  # int_id -> the validated request (a local folder)
+        self._source: dict[int, str] = {}  # int_id -> the folder or Hub id it was given as
 
     def check(self, req: PedroRequest, allowed_roots: list[str] | None = None) -> PedroRequest:
         """`req` with the digest of its validated files; raises AdapterError."""
         done = self._ok.get(req.int_id)
         if done is not None:
-            if (done.name, done.path) != (req.name, req.path):
+            if done.name != req.name or req.path not in (done.path, self._source.get(req.int_id)):
                 raise AdapterError(f"adapter id {req.int_id} is already used by {done.name!r} at {done.path!r}")
             return done
-        files = read_adapter_files(req.path, allowed_roots)
+        path = resolve_adapter(req.path)  # a Hugging Face Hub id: its snapshot in the HF cache
+        files = read_adapter_files(path, allowed_roots)
         config, _ = parse_adapter(files, self.base)
         check_servable(config, self.args)
-        done = self._ok[req.int_id] = PedroRequest(req.name, req.int_id, req.path, files.digest)
+        done = self._ok[req.int_id] = PedroRequest(req.name, req.int_id, path, files.digest)
+        self._source[req.int_id] = req.path
         return done
 
     def forget(self, int_id: int) -> None:
         self._ok.pop(int_id, None)
+        self._source.pop(int_id, None)
 
 
 def error_output(request_id: str, prompt, message: str) -> RequestOutput:

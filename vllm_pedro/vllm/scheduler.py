@@ -90,6 +90,7 @@ class PedroSchedulerMixin:
         self._pedro_pinned: set[str] = set()  # requests whose adapter is pinned until their prefill
         self._pedro_failed: dict[str, str] = {}  # req_id -> message, finished at the next output
         self._pedro_step_keys: set[str] = set()
+        self.pedro_max_rows_in_step = 0  # the most device rows one step's prefills used (tests read it)
         logger.info("PEDRO: host adapter store of %d adapters%s, %d device rows", capacity,
                     " (pinned memory)" if pin else "", self.pedro_args.max_adapters)
 
@@ -165,6 +166,7 @@ class PedroSchedulerMixin:
             return None
         keys = list(dict.fromkeys(self.pedro_requests[r].digest for r in prefills))
         rows, fills = self.pedro_rows.assign(keys)
+        self.pedro_max_rows_in_step = max(self.pedro_max_rows_in_step, len(keys))
         plan = PedroStepPlan(loads={row: self.pedro_store.get(k) for k, row in fills})
         configs = []
         for req_id in prefills:

@@ -132,11 +132,11 @@ class PedroAdapterRegistry:
         and the KV cache salt differs."""
         int_id = self._next_id
         self._next_id += 1
-        req = self.validator.check(PedroRequest(name, int_id, path), allowed_roots)
-        lora = PedroLoRARequest(lora_name=name, lora_int_id=int_id, lora_path=path,
+        req = self.validator.check(PedroRequest(name, int_id, path), allowed_roots)  # req.path: a local folder
+        lora = PedroLoRARequest(lora_name=name, lora_int_id=int_id, lora_path=req.path,
                                 base_model_name=self._base_model_name(base_model_name), pedro_digest=req.digest)
         self.models.lora_requests[name] = lora
-        logger.info("PEDRO adapter '%s' (id %d) served from %s", name, int_id, path)
+        logger.info("PEDRO adapter '%s' (id %d) served from %s", name, int_id, req.path)
         return lora
 
     def add_static(self, modules) -> None:
