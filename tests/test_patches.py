@@ -204,7 +204,7 @@ def test_layers_route_every_target_through_the_resolved_ops(monkeypatch):
             return Slots.vectors[i]
 
     class RT:
-        step, traced, ops, slots = None, False, Ops, Slots
+        step, mode, ops, slots = None, "op", Ops, Slots
         columns = {"q": 0, "k": -1, "v": 8, "up": 12}
         q_size, kv_size = 8, 4
         token_slot = torch.zeros(5, dtype=torch.int32)

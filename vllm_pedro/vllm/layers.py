@@ -8,11 +8,15 @@ scaling is fused into the activation: the layer's `act_fn` (SiluAndMul) becomes
 silu(gate) * (up * l_u) in one op. An MLP with another activation keeps it and gets the
 up scaling on its `gate_up_proj` output instead.
 
-The prefill op is opaque to torch.compile and a splitting op (it branches on host-side
-step data), so the generator never enters a compiled graph. The decode scaling is plain
-tensor code that torch.compile traces and fuses (`traced_scaling`), or, in eager mode, the
-ops backend the runtime resolved once (torch on the CPU, Triton on the GPU). Either way it
-reads only static buffers (slots, the token -> slot map): CUDA graphs capture it.
+How each wrapper runs depends on the runtime's `mode` (`scaling_mode`):
+  "eager"  (enforce_eager): plain Python calls, no custom-op dispatch; the generator runs
+           only on steps with prefills; the scaling is the ops backend the runtime resolved
+           once (torch on the CPU, Triton on the GPU).
+  "trace"  (compiled, the default): the prefill op is opaque to torch.compile and a
+           splitting op (it branches on host-side step data), so the generator never enters
+           a compiled graph; the scaling is plain tensor code torch.compile traces and fuses.
+  "op"     (compiled, VLLM_PEDRO_COMPILED_SCALING=op): the scaling as opaque custom ops too.
+The scaling reads only static buffers (slots, the token -> slot map): CUDA graphs capture it.
 """
 
 from __future__ import annotations
@@ -38,15 +42,14 @@ def set_runtime(runtime) -> None:
     _runtime = runtime
 
 
-def traced_scaling(vllm_config) -> bool:
-    """Whether the decode scaling is traced by torch.compile (compiled mode) rather than
-    called as an opaque op."""
+def scaling_mode(vllm_config) -> str:
+    """"eager" without torch.compile; else "trace" (default) or "op" (VLLM_PEDRO_COMPILED_SCALING)."""
     from vllm.config import CompilationMode
 
     mode = os.environ.get(ENV_SCALING, "trace").strip().lower()
     if mode not in ("trace", "op"):
         raise ValueError(f"{ENV_SCALING}={mode!r}: expected trace or op")
-    return mode == "trace" and vllm_config.compilation_config.mode != CompilationMode.NONE
+    return "eager" if vllm_config.compilation_config.mode == CompilationMode.NONE else mode
 
 
 # -- the custom ops (eager bodies; torch.compile sees only their fake signatures) ----------
@@ -110,13 +113,17 @@ class PedroQKVProj(nn.Module):
 
     def forward(self, x):
         out, bias = self.base_layer(x)
-        rt = self.rt
+        rt, c = self.rt, self.rt.columns
+        if rt.mode == "eager":
+            if rt.step is not None:
+                pedro_prefill(x, rt.slots.vectors, self.layer)
+            rt.ops.scale_qkv_(out, rt.slots.vectors[self.layer], rt.token_slot, rt.q_size, rt.kv_size,
+                              c["q"], c["k"], c["v"])
+            return out, bias
         torch.ops.vllm.pedro_prefill(x, rt.slots.vectors, self.layer)
-        n = out.shape[0]
-        if rt.traced:
-            c = rt.columns
-            reference.scale_qkv_(out, rt.slots.vectors[self.layer], rt.token_slot[:n], rt.q_size, rt.kv_size,
-                                 c["q"], c["k"], c["v"])
+        if rt.mode == "trace":
+            reference.scale_qkv_(out, rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]], rt.q_size,
+                                 rt.kv_size, c["q"], c["k"], c["v"])
         else:
             torch.ops.vllm.pedro_scale_qkv(out, self.layer)
         return out, bias
@@ -132,10 +139,13 @@ class PedroSiluAndMul(nn.Module):
     def forward(self, gate_up):
         rt = self.rt
         n, d = gate_up.shape[0], gate_up.shape[1] // 2
-        if rt.traced:
+        if rt.mode == "trace":
             return reference.silu_and_mul_scaled(gate_up, rt.slots.vectors[self.layer], rt.token_slot[:n],
                                                  rt.columns["up"])
         out = torch.empty((n, d), dtype=gate_up.dtype, device=gate_up.device)
+        if rt.mode == "eager":
+            return rt.ops.silu_and_mul_scaled(gate_up, rt.slots.vectors[self.layer], rt.token_slot, rt.columns["up"],
+                                              out)
         torch.ops.vllm.pedro_silu_and_mul(gate_up, out, self.layer)
         return out
 
@@ -150,11 +160,12 @@ class PedroGateUpProj(nn.Module):
 
     def forward(self, x):
         out, bias = self.base_layer(x)
-        rt = self.rt
-        if rt.traced:
-            ff = out.shape[1] // 2
+        rt, ff = self.rt, out.shape[1] // 2
+        if rt.mode == "trace":
             reference.scale_(out[:, ff:], rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]],
                              rt.columns["up"])
+        elif rt.mode == "eager":
+            rt.ops.scale_(out[:, ff:], rt.slots.vectors[self.layer], rt.token_slot, rt.columns["up"])
         else:
             torch.ops.vllm.pedro_scale_up(out, self.layer)
         return out, bias

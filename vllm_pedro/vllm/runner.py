@@ -23,7 +23,7 @@ from .. import ops
 from ..config import BaseShapes
 from .adapters import DeviceAdapterCache
 from .args import PedroArgs
-from .layers import set_runtime, traced_scaling, wrap_model
+from .layers import scaling_mode, set_runtime, wrap_model
 from .layout import ShardLayout
 from .slots import SlotPool
 
@@ -123,7 +123,7 @@ class PedroRuntime:
         self.columns = self.layout.columns()
         device, dtype = runner.device, runner.model_config.dtype
         self.ops = ops.backend(device)  # resolved once (VLLM_PEDRO_OPS_BACKEND read here)
-        self.traced = traced_scaling(runner.vllm_config)
+        self.mode = scaling_mode(runner.vllm_config)  # eager | trace | op (layers.py)
         max_reqs = runner.scheduler_config.max_num_seqs
         self.slots = SlotPool(self.base.num_layers, max_reqs, self.layout.width, dtype, device)
         self.adapters = DeviceAdapterCache(self.base, self.layout, args.max_adapters, args.max_rank, dtype, device)
