@@ -101,11 +101,13 @@ class Case:
         self.q_col, self.v_col, self.up_col = 0, q, q + kv
         self.es = torch.finfo(dtype).bits // 8
         # One slot per decoding request; a bigger buffer so rows are strided like a real pool.
-        big = 1 + 0.01 * torch.randn(T + 2, 2, W, generator=gen)
+        # The last row is all ones: base-model tokens point at it (as in the PEDRO runtime).
+        big = 1 + 0.01 * torch.randn(T + 3, 2, W, generator=gen)
+        big[T + 2] = 1
         self.vectors = big.to(dtype).to(device)[:, 0, :]
         slots = torch.randperm(T + 2, generator=gen)[:T]
-        slots[torch.rand(T, generator=gen) < base_frac] = -1
-        self.slots = torch.cat([slots, torch.full((8,), -1)]).to(torch.int32).to(device)
+        slots[torch.rand(T, generator=gen) < base_frac] = T + 2
+        self.slots = torch.cat([slots, torch.full((8,), T + 2)]).to(torch.int32).to(device)
         self.qkv = torch.randn(T, q + 2 * kv, generator=gen).to(dtype).to(device)
         self.up = torch.randn(T, ff, generator=gen).to(dtype).to(device)
         self.gate_up = torch.randn(T, 2 * ff, generator=gen).to(dtype).to(device)
@@ -144,8 +146,8 @@ class Case:
             self.gate_up.copy_(torch.randn(self.gate_up.shape).to(self.dtype))
             self.out.fill_(float("nan"))
             col = self.up_col if op == "silu_and_mul_scaled" else -1
-            want = reference.silu_and_mul_scaled(self.gate_up, self.vectors, self.slots, col,
-                                                 torch.empty_like(self.out))
+            torch_order = ops.backend_name(self.device) == "torch"
+            want = _silu_mul_oracle(self.gate_up, self.vectors, self.slots, col, torch_order)
             self.run(op)
             got, tol = self.out, {}
         try:
@@ -156,6 +158,19 @@ class Case:
 
 
 OPS = ["scale_qkv_", "scale_", "silu_and_mul_scaled", "silu_and_mul"]
+
+
+def _silu_mul_oracle(gate_up, vectors, slots, col, torch_order=False):
+    """The GPU kernels' definition: silu(g) * u * v in fp32, one rounding. The torch
+    reference's (torch_order): U' = u * v rounded to the dtype first, then silu(g) and the
+    product each rounded (the transformers model's order; vLLM's native SiluAndMul at v = 1)."""
+    D, dt = gate_up.shape[1] // 2, gate_up.dtype
+    g, u = gate_up[:, :D].float(), gate_up[:, D:].float()
+    v = vectors[:, col:col + D].index_select(0, slots[:gate_up.shape[0]]).float() if col >= 0 else 1.0
+    if torch_order:
+        u = (u * v).to(dt).float()
+        return (torch.nn.functional.silu(g).to(dt).float() * u).to(dt)
+    return (torch.nn.functional.silu(g) * u * v).to(dt)
 
 
 # ---- LoRA baseline ----
