@@ -107,6 +107,7 @@ def test_mixed_tenants_and_base_match_transformers(tiny_llama_dir, adapters):
     """Four tenants (more than max_pedro_adapters=2) and base requests in one batch, with
     prompt lengths from 4 to 20 tokens and prefix caching on."""
     llm = make_llm(tiny_llama_dir)
+    assert runtime().mode == "eager"
     assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
     reqs = [adapters[0], None, adapters[1], adapters[2], adapters[3], None, adapters[0], adapters[1]]
     check_parity(llm, tiny_llama_dir, PROMPTS, reqs)
@@ -198,10 +199,14 @@ def test_pedro_request_without_enable_pedro_is_refused(tiny_llama_dir, adapters)
     close(llm)
 
 
-def test_compiled_mode_matches_transformers(tiny_llama_dir, adapters):
-    """vLLM's default torch.compile mode: the PEDRO custom ops stay opaque to Dynamo."""
+@pytest.mark.parametrize("scaling", ["trace", "op"])
+def test_compiled_mode_matches_transformers(tiny_llama_dir, adapters, scaling, monkeypatch):
+    """vLLM's default torch.compile mode: the prefill generator stays an opaque op; the
+    decode scaling traced by torch.compile (default) or kept as opaque ops."""
+    monkeypatch.setenv("VLLM_PEDRO_COMPILED_SCALING", scaling)
     llm = make_llm(tiny_llama_dir, enforce_eager=False)
     assert llm.llm_engine.vllm_config.compilation_config.mode != 0
+    assert runtime().mode == scaling
     check_parity(llm, tiny_llama_dir, PROMPTS[:5], [adapters[0], None, adapters[1], adapters[2], adapters[0]])
     close(llm)
 

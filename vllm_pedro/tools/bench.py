@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 
-METHODS = ("bare", "pedro", "lora")
+METHODS = ("bare", "pedro", "lora", "pedro-op")  # pedro-op: compiled mode with the scaling as opaque ops
 ASSIGNS = ("uniform", "zipf")
 LORA_TARGETS = {"qv": ["q_proj", "v_proj"],
                 "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -72,7 +72,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assign", nargs="+", choices=ASSIGNS, default=["uniform"],
                    help="how requests pick their tenant: uniformly at random, or by a Zipf law (a few hot tenants)")
     p.add_argument("--zipf-s", type=float, default=1.1, help="the Zipf exponent")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["bare", "pedro", "lora"],
+                   help="methods to run (pedro-op: PEDRO with VLLM_PEDRO_COMPILED_SCALING=op, for compiled mode)")
     p.add_argument("--passes", type=int, default=5, help="timed passes per method and (N, assignment)")
     p.add_argument("--foreign-load", type=float, default=0.05,
                    help="flag and repeat a pass during which other processes used more than this fraction of "
@@ -169,6 +170,8 @@ def _engine_main(conn, spec: dict) -> None:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: this process's CPU time is the engine's
+    if spec["method"] == "pedro-op":
+        os.environ["VLLM_PEDRO_COMPILED_SCALING"] = "op"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec["kv_cache_space"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -191,7 +194,7 @@ class _Engine:
     def __init__(self, spec: dict):
         import vllm
 
-        self.spec, self.method = spec, spec["method"]
+        self.spec, self.method = spec, spec["method"].split("-")[0]  # pedro-op is pedro
         common = dict(dtype=spec["dtype"], seed=spec["seed"], enforce_eager=spec["enforce_eager"],
                       max_num_seqs=spec["max_num_seqs"], max_model_len=spec["max_model_len"],
                       enable_prefix_caching=False)
@@ -388,7 +391,7 @@ def _run(args, work) -> dict:
         vocab = json.load(f)["vocab_size"]
     max_n = max(args.num_tenants)
     adapter_dir, lora_paths = None, []
-    if "pedro" in args.methods:
+    if any(m.startswith("pedro") for m in args.methods):
         _log(f"{max_n} random PEDRO adapters (r={args.pedro_rank})")
         adapter_dir = make_pedro_adapters(model_dir, max_n, args.pedro_rank, args.pedro_targets,
                                           os.path.join(work, f"pedro-r{args.pedro_rank}"), args.seed)
@@ -417,7 +420,7 @@ def _run(args, work) -> dict:
             bare_warm = engines["bare"].call("warmup", prompts=shape[:1], tenants=[0], shape_prompts=shape,
                                              shape_tenants=[0] * len(shape), output_len=args.output_len)
         for n in args.num_tenants:
-            for m in ("pedro", "lora"):
+            for m in ("pedro", "lora", "pedro-op"):
                 if m in args.methods:
                     old = engines.pop(m, None)
                     if old is not None:
@@ -475,9 +478,10 @@ def _measure(args, engines, warm, vocab, n, assign) -> dict:
         cps = [r["out_tok_per_cpu_s"] for r in ps if r["out_tok_per_cpu_s"]]
         methods[m] = dict(passes=ps, flagged_attempts=flagged[m], warmup=warm[m],
                           out_tok_per_s=_stats(tps), out_tok_per_cpu_s=_stats(cps),
-                          disk_reads_in_passes=sum(r["disk_reads"] or 0 for r in ps) if m == "pedro" else None)
+                          disk_reads_in_passes=sum(r["disk_reads"] or 0 for r in ps) if m.startswith("pedro") else None)
     ratios = {}
-    for num, den in (("pedro", "bare"), ("lora", "bare"), ("pedro", "lora")):
+    for num, den in (("pedro", "bare"), ("lora", "bare"), ("pedro", "lora"), ("pedro-op", "bare"),
+                     ("pedro-op", "pedro")):
         if num in per and den in per:
             for key, suffix in (("out_tok_per_s", ""), ("out_tok_per_cpu_s", "_cpu")):
                 vals = [a[key] / b[key] for a, b in zip(per[num], per[den]) if a[key] and b[key]]
