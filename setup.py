@@ -104,6 +104,8 @@ setup(
         "gpu": ["vllm>=0.32,<0.33", "triton"],
         "dev": ["pytest>=8", "openai>=1.0", "matplotlib", "tokenizers"],
         "quality": ["sacrebleu", "rouge-score", "gguf", "matplotlib"],
+        # Scoring tenants with lm-evaluation-harness against the server (benchmarks/lm_eval).
+        "eval": ["lm-eval[api]==0.4.13"],
         "ray": ["ray[default]"],
     },
     entry_points={
