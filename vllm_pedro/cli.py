@@ -199,6 +199,8 @@ COMMANDS: dict[str, Command] = {
                            _lazy(".tools.models", "run_fetch_model")),
     "bench": Command("multi-tenant throughput in vLLM: bare model vs PEDRO vs multi-LoRA",
                      _lazy(".tools.bench", "add_bench_arguments"), _lazy(".tools.bench", "run_bench")),
+    "ray-serve": Command("serve PEDRO tenants from N Ray Serve replicas behind one OpenAI-compatible endpoint",
+                         _lazy(".ray.cli", "add_ray_serve_arguments"), _lazy(".ray.cli", "run_ray_serve")),
 }
 
 
