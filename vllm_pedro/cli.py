@@ -148,19 +148,21 @@ def run_train(args: argparse.Namespace) -> int:
 SERVE_HELP = "serve a model with PEDRO adapters: vLLM's OpenAI-compatible server (every vllm serve option)"
 
 
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """vLLM's options need vLLM's FlexibleArgumentParser (JSON and dotted options, config
-    files, --help=<group>) and importing vLLM, so this subcommand's parser hands all its
-    arguments to that parser, only when `serve` is the chosen subcommand."""
+def delegate_parsing(p: argparse.ArgumentParser, make_parser: Callable) -> None:
+    """Hand all of this subcommand's arguments to the parser make_parser() builds, only
+    when the subcommand is chosen: vLLM's options need vLLM's FlexibleArgumentParser (JSON
+    and dotted options, config files, --help=<group>) and importing vLLM."""
 
     def parse_known_args(arg_strings=None, namespace=None):
-        from .vllm.server import make_serve_parser
-
         ns = namespace if namespace is not None else argparse.Namespace()
         ns._run = p.get_default("_run")
-        return make_serve_parser().parse_args(list(arg_strings or []), ns), []
+        return make_parser().parse_args(list(arg_strings or []), ns), []
 
     p.parse_known_args = parse_known_args
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    delegate_parsing(p, _lazy(".vllm.server", "make_serve_parser"))
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -91,15 +91,11 @@ def make_ray_serve_parser():
 
 
 def add_ray_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """All arguments go to vLLM's parser (see cli.add_serve_arguments), built only when
-    `ray-serve` is the chosen subcommand."""
+    """All arguments go to vLLM's parser plus the Ray group, built only when `ray-serve`
+    is the chosen subcommand."""
+    from ..cli import delegate_parsing
 
-    def parse_known_args(arg_strings=None, namespace=None):
-        ns = namespace if namespace is not None else argparse.Namespace()
-        ns._run = p.get_default("_run")
-        return make_ray_serve_parser().parse_args(list(arg_strings or []), ns), []
-
-    p.parse_known_args = parse_known_args
+    delegate_parsing(p, make_ray_serve_parser)
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:

@@ -42,6 +42,18 @@ def _wrapped(fn) -> bool:
     return getattr(fn, "_pedro_wrapped", False)
 
 
+def _wrap(owner, name: str, build: Callable) -> None:
+    """owner.name = build(original), once; the wrapper is marked and keeps the original
+    as __wrapped__ (the checks read it)."""
+    original = getattr(owner, name)
+    if _wrapped(original):
+        return
+    wrapper = build(original)
+    wrapper._pedro_wrapped = True
+    wrapper.__wrapped__ = original
+    setattr(owner, name, wrapper)
+
+
 def _params(fn, *names: str, where: str) -> None:
     have = list(inspect.signature(fn).parameters)
     missing = [n for n in names if n not in have]
@@ -98,38 +110,36 @@ def _apply_add_request() -> None:
     from vllm import SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    original = AsyncLLM.add_request
-    if _wrapped(original):
-        return
-    signature = inspect.signature(original)
+    def build(original):
+        signature = inspect.signature(original)
 
-    async def add_request(self, *args, **kwargs):
-        from vllm.exceptions import VLLMValidationError
+        async def add_request(self, *args, **kwargs):
+            from vllm.exceptions import VLLMValidationError
 
-        from .request import EXTRA_ARGS_KEY, salted_prompt, with_pedro
-        from .serving import current_registry, is_pedro
+            from .request import EXTRA_ARGS_KEY, salted_prompt, with_pedro
+            from .serving import current_registry, is_pedro
 
-        bound = signature.bind(self, *args, **kwargs)
-        lora, params = bound.arguments.get("lora_request"), bound.arguments["params"]
-        if EXTRA_ARGS_KEY in (getattr(params, "extra_args", None) or {}):
-            raise VLLMValidationError(f"the extra argument key {EXTRA_ARGS_KEY!r} (vllm_xargs) is reserved for "
-                                      "PEDRO; choose a tenant with \"model\"", parameter="vllm_xargs")
-        if is_pedro(lora):
-            req, reg = lora.pedro_request(), current_registry()
-            prompt = bound.arguments["prompt"]
-            if not isinstance(params, SamplingParams):
-                raise VLLMValidationError(f"PEDRO adapter {req.name!r}: PEDRO adapters serve text generation only")
-            if not isinstance(prompt, (str, dict)):
-                raise VLLMValidationError(f"PEDRO adapter {req.name!r}: {type(prompt).__name__} prompts are not "
-                                          "supported (rendered token or text prompts only)")
-            bound.arguments["prompt"] = salted_prompt(prompt, req, reg.secret, reg.prefix_caching)
-            bound.arguments["params"] = with_pedro(params, req)
-            bound.arguments["lora_request"] = None
-        return await original(*bound.args, **bound.kwargs)
+            bound = signature.bind(self, *args, **kwargs)
+            lora, params = bound.arguments.get("lora_request"), bound.arguments["params"]
+            if EXTRA_ARGS_KEY in (getattr(params, "extra_args", None) or {}):
+                raise VLLMValidationError(f"the extra argument key {EXTRA_ARGS_KEY!r} (vllm_xargs) is reserved for "
+                                          "PEDRO; choose a tenant with \"model\"", parameter="vllm_xargs")
+            if is_pedro(lora):
+                req, reg = lora.pedro_request(), current_registry()
+                prompt = bound.arguments["prompt"]
+                if not isinstance(params, SamplingParams):
+                    raise VLLMValidationError(f"PEDRO adapter {req.name!r}: PEDRO adapters serve text generation only")
+                if not isinstance(prompt, (str, dict)):
+                    raise VLLMValidationError(f"PEDRO adapter {req.name!r}: {type(prompt).__name__} prompts are not "
+                                              "supported (rendered token or text prompts only)")
+                bound.arguments["prompt"] = salted_prompt(prompt, req, reg.secret, reg.prefix_caching)
+                bound.arguments["params"] = with_pedro(params, req)
+                bound.arguments["lora_request"] = None
+            return await original(*bound.args, **bound.kwargs)
 
-    add_request._pedro_wrapped = True
-    add_request.__wrapped__ = original
-    AsyncLLM.add_request = add_request
+        return add_request
+
+    _wrap(AsyncLLM, "add_request", build)
 
 
 def _check_add_request() -> None:
@@ -142,24 +152,20 @@ def _check_add_request() -> None:
 def _apply_generate_errors() -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    original = AsyncLLM.generate
-    if _wrapped(original):
-        return
+    def build(original):
+        async def generate(self, *args, **kwargs):
+            from .request import ERROR_PREFIX
+            from .serving import PedroAdapterError
 
-    async def generate(self, *args, **kwargs):
-        from .request import ERROR_PREFIX
-        from .serving import PedroAdapterError
+            async for out in original(self, *args, **kwargs):
+                failed = out.outputs[0] if out.finished and out.outputs else None
+                if failed is not None and failed.finish_reason == "error" \
+                        and str(failed.stop_reason or "").startswith(ERROR_PREFIX):
+                    raise PedroAdapterError(str(failed.stop_reason))
+                yield out
+        return generate
 
-        async for out in original(self, *args, **kwargs):
-            failed = out.outputs[0] if out.finished and out.outputs else None
-            if failed is not None and failed.finish_reason == "error" \
-                    and str(failed.stop_reason or "").startswith(ERROR_PREFIX):
-                raise PedroAdapterError(str(failed.stop_reason))
-            yield out
-
-    generate._pedro_wrapped = True
-    generate.__wrapped__ = original
-    AsyncLLM.generate = generate
+    _wrap(AsyncLLM, "generate", build)
 
 
 def _check_generate_errors() -> None:
@@ -174,24 +180,21 @@ def _check_generate_errors() -> None:
 def _apply_beam_search_refusal() -> None:
     from vllm.entrypoints.generate.beam_search.online import BeamSearchOnlineMixin
 
-    original = BeamSearchOnlineMixin.beam_search
-    if _wrapped(original):
-        return
-    signature = inspect.signature(original)
+    def build(original):
+        signature = inspect.signature(original)
 
-    async def beam_search(self, *args, **kwargs):
-        from .serving import is_pedro
+        async def beam_search(self, *args, **kwargs):
+            from .serving import is_pedro
 
-        lora = signature.bind(self, *args, **kwargs).arguments.get("lora_request")
-        if is_pedro(lora):
-            raise ValueError(f"PEDRO adapter {lora.lora_name!r}: beam search is not supported with PEDRO "
-                             "adapters (use greedy or sampling)")
-        async for out in original(self, *args, **kwargs):
-            yield out
+            lora = signature.bind(self, *args, **kwargs).arguments.get("lora_request")
+            if is_pedro(lora):
+                raise ValueError(f"PEDRO adapter {lora.lora_name!r}: beam search is not supported with PEDRO "
+                                 "adapters (use greedy or sampling)")
+            async for out in original(self, *args, **kwargs):
+                yield out
+        return beam_search
 
-    beam_search._pedro_wrapped = True
-    beam_search.__wrapped__ = original
-    BeamSearchOnlineMixin.beam_search = beam_search
+    _wrap(BeamSearchOnlineMixin, "beam_search", build)
 
 
 def _check_beam_search() -> None:
@@ -205,23 +208,19 @@ def _check_beam_search() -> None:
 def _apply_check_model() -> None:
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
-    original = BaseServing._check_model
-    if _wrapped(original):
-        return
+    def build(original):
+        async def _check_model(self, request):
+            error = await original(self, request)
+            from .serving import current_registry
 
-    async def _check_model(self, request):
-        error = await original(self, request)
-        from .serving import current_registry
+            reg = current_registry()
+            if error is None or reg is None or not reg.args.adapter_dir or error.error.code != 404:
+                return error
+            resolved = await reg.resolve(request.model)
+            return error if resolved == "missing" else resolved
+        return _check_model
 
-        reg = current_registry()
-        if error is None or reg is None or not reg.args.adapter_dir or error.error.code != 404:
-            return error
-        resolved = await reg.resolve(request.model)
-        return error if resolved == "missing" else resolved
-
-    _check_model._pedro_wrapped = True
-    _check_model.__wrapped__ = original
-    BaseServing._check_model = _check_model
+    _wrap(BaseServing, "_check_model", build)
 
 
 def _check_check_model() -> None:
@@ -236,21 +235,17 @@ def _check_check_model() -> None:
 def _apply_endpoint_plugins() -> None:
     import vllm.plugins as plugins
 
-    original = plugins.load_endpoint_plugins
-    if _wrapped(original):
-        return
+    def build(original):
+        def load_endpoint_plugins(*args, **kwargs):
+            from .serving import PedroEndpoints
 
-    def load_endpoint_plugins(*args, **kwargs):
-        from .serving import PedroEndpoints
+            loaded = original(*args, **kwargs)
+            if not any(isinstance(p, PedroEndpoints) for p in loaded):
+                loaded.append(PedroEndpoints())
+            return loaded
+        return load_endpoint_plugins
 
-        loaded = original(*args, **kwargs)
-        if not any(isinstance(p, PedroEndpoints) for p in loaded):
-            loaded.append(PedroEndpoints())
-        return loaded
-
-    load_endpoint_plugins._pedro_wrapped = True
-    load_endpoint_plugins.__wrapped__ = original
-    plugins.load_endpoint_plugins = load_endpoint_plugins
+    _wrap(plugins, "load_endpoint_plugins", build)
 
 
 def _check_endpoint_plugins() -> None:

@@ -241,27 +241,21 @@ class PedroEndpoints:
                 return None
             return {k: v if isinstance(v, str) else None for k, v in data.items()}
 
-        def registry(raw: Request) -> PedroAdapterRegistry | None:
-            return getattr(raw.app.state, "pedro_registry", None)
+        def route(op: str, fields: str):
+            async def handler(raw_request: Request):
+                reg, data = getattr(raw_request.app.state, "pedro_registry", None), await body(raw_request)
+                if reg is None:
+                    return reply(_error("PEDRO is not enabled on this server (--enable-pedro)."))
+                if data is None:
+                    return reply(_error(f"Expected a JSON object {fields}."))
+                if op == "load":
+                    return reply(await reg.load(data.get("pedro_name"), data.get("pedro_path")))
+                return reply(await reg.unload(data.get("pedro_name")))
+            return handler
 
-        async def load_pedro_adapter(raw_request: Request):
-            reg, data = registry(raw_request), await body(raw_request)
-            if reg is None:
-                return reply(_error("PEDRO is not enabled on this server (--enable-pedro)."))
-            if data is None:
-                return reply(_error("Expected a JSON object {\"pedro_name\": ..., \"pedro_path\": ...}."))
-            return reply(await reg.load(data.get("pedro_name"), data.get("pedro_path")))
-
-        async def unload_pedro_adapter(raw_request: Request):
-            reg, data = registry(raw_request), await body(raw_request)
-            if reg is None:
-                return reply(_error("PEDRO is not enabled on this server (--enable-pedro)."))
-            if data is None:
-                return reply(_error("Expected a JSON object {\"pedro_name\": ...}."))
-            return reply(await reg.unload(data.get("pedro_name")))
-
-        app.add_api_route("/v1/load_pedro_adapter", load_pedro_adapter, methods=["POST"])
-        app.add_api_route("/v1/unload_pedro_adapter", unload_pedro_adapter, methods=["POST"])
+        app.add_api_route("/v1/load_pedro_adapter", route("load", '{"pedro_name": ..., "pedro_path": ...}'),
+                          methods=["POST"])
+        app.add_api_route("/v1/unload_pedro_adapter", route("unload", '{"pedro_name": ...}'), methods=["POST"])
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         global _registry
