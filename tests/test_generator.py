@@ -225,3 +225,29 @@ def test_low_precision_generator_returns_float32_vectors():
     assert out.dtype == torch.float32
     for i in range(2):  # oracle on the same (bf16-rounded) inputs and weights
         torch.testing.assert_close(out[i].double(), naive_generator(g, rows[i].bfloat16()), atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_are_repeatable_with_several_threads():
+    """Training is repeatable bit for bit: the generator's gathers have deterministic
+    backwards (index_select -> index_add), not advanced indexing, whose backward
+    accumulates in a thread-dependent order on the CPU. Run with 2 threads in a fresh
+    process (vLLM may have pinned this one's thread count)."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+torch.set_num_threads(2)
+from vllm_pedro.generator import VectorGenerator
+def grads():
+    torch.manual_seed(0)
+    g = VectorGenerator(96, 8, 200, "attention", "rational")
+    torch.nn.init.normal_(g.up.weight, std=0.1)
+    h = torch.randn(3000, 96)
+    g(h, torch.repeat_interleave(torch.arange(6), 500), 6).sum().backward()
+    return [p.grad.clone() for p in g.parameters()]
+a, b = grads(), grads()
+print("SAME" if all(torch.equal(x, y) for x, y in zip(a, b)) else "DIFFERENT")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().endswith("SAME"), out.stdout + out.stderr

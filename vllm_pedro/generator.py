@@ -55,21 +55,24 @@ def segment_pool(h: torch.Tensor, seg: torch.Tensor, num_segments: int,
     seg: [N] int64 segment id; pooler_codes: [num_segments] (POOLER_CODES) so segments
     of different adapters may use different poolers; scores: [N] attention logits
     (needed when any segment uses the attention pooler). Returns [num_segments, d]."""
+    # Gathers are index_select (backward: index_add), never advanced indexing, whose
+    # backward accumulates in a thread-dependent order on the CPU: training is repeatable.
     n, d = h.shape
+    at = lambda t: t.index_select(0, seg)  # noqa: E731  (per segment -> per token)
     zeros = h.new_zeros(num_segments)
     counts = zeros.index_add(0, seg, torch.ones_like(seg, dtype=h.dtype))
-    code = pooler_codes[seg]
+    code = at(pooler_codes)
     # Each pooler is a weighting of its segment's tokens; compute all three, pick per token.
-    mean_w = 1.0 / counts[seg]
+    mean_w = 1.0 / at(counts)
     last_idx = torch.full((num_segments,), -1, dtype=torch.long, device=h.device)
     last_idx = last_idx.scatter_reduce(0, seg, torch.arange(n, device=h.device), "amax")
-    last_w = (torch.arange(n, device=h.device) == last_idx[seg]).to(h.dtype)
+    last_w = (torch.arange(n, device=h.device) == at(last_idx)).to(h.dtype)
     weights = torch.where(code == POOLER_CODES["mean"], mean_w, last_w)
     if scores is not None:
         s = torch.where(code == POOLER_CODES["attention"], scores, torch.zeros_like(scores))
         smax = torch.full_like(zeros, float("-inf")).scatter_reduce(0, seg, s, "amax")
-        e = torch.exp(s - smax[seg])
-        att_w = e / zeros.index_add(0, seg, e)[seg]
+        e = torch.exp(s - at(smax))
+        att_w = e / at(zeros.index_add(0, seg, e))
         weights = torch.where(code == POOLER_CODES["attention"], att_w, weights)
     return h.new_zeros(num_segments, d).index_add(0, seg, weights.unsqueeze(-1) * h)
 
@@ -100,13 +103,14 @@ def _activate(z: torch.Tensor, g: StackedGenerators, seg_row: torch.Tensor) -> t
     out = None
     for name in sorted(g.activations):
         if name == "rational":
-            y = rational(z, g.rat_num[seg_row].float(), g.rat_den[seg_row].float())
+            y = rational(z, g.rat_num.index_select(0, seg_row).float(), g.rat_den.index_select(0, seg_row).float())
         else:
             y = FIXED_ACTIVATIONS[name](z)
         if out is None:
             out = y
         else:
-            out = torch.where((g.act_code[seg_row] == ACTIVATION_CODES[name]).unsqueeze(1), y, out)
+            code = g.act_code.index_select(0, seg_row)
+            out = torch.where((code == ACTIVATION_CODES[name]).unsqueeze(1), y, out)
     return out
 
 
@@ -120,13 +124,14 @@ def generate_vectors(h: torch.Tensor, seg: torch.Tensor, seg_row: torch.Tensor,
     scores each token against its own adapter's w, so the cost follows the prompts, not R."""
     h = h.float()
     num_segments = seg_row.shape[0]
+    rows = lambda t: t.index_select(0, seg_row).float()  # noqa: E731  (each prompt's adapter row)
     scores = None
     if "attention" in g.poolers:
-        scores = (h * g.pool_w[seg_row[seg]].float()).sum(-1)
-    pooled = segment_pool(h, seg, num_segments, g.pooler_code[seg_row], scores)
-    z = torch.einsum("sd,skd->sk", pooled, g.down_w[seg_row].float()) + g.down_b[seg_row].float()
+        scores = (h * g.pool_w.index_select(0, seg_row.index_select(0, seg)).float()).sum(-1)
+    pooled = segment_pool(h, seg, num_segments, g.pooler_code.index_select(0, seg_row), scores)
+    z = torch.einsum("sd,skd->sk", pooled, rows(g.down_w)) + rows(g.down_b)
     a = _activate(z, g, seg_row)
-    return 1.0 + torch.einsum("sk,swk->sw", a, g.up_w[seg_row].float()) + g.up_b[seg_row].float()
+    return 1.0 + torch.einsum("sk,swk->sw", a, rows(g.up_w)) + rows(g.up_b)
 
 
 class VectorGenerator(nn.Module):

@@ -51,7 +51,9 @@ import sys
 import tempfile
 import time
 
-METHODS = ("bare", "pedro", "lora", "pedro-op")  # pedro-op: compiled mode with the scaling as opaque ops
+# pedro-op: compiled mode with the scaling as opaque ops; pedro-old: an earlier vllm_pedro, for
+# before/after comparisons (--pedro-old: a folder holding it renamed to the package vllm_pedro_old).
+METHODS = ("bare", "pedro", "lora", "pedro-op", "pedro-old")
 ASSIGNS = ("uniform", "zipf")
 LORA_TARGETS = {"qv": ["q_proj", "v_proj"],
                 "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -99,6 +101,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="draw PEDRO/bare and LoRA/bare against N to this PNG")
     p.add_argument("--work-dir", default=None, help="where adapters are written (default: a temporary folder)")
     p.add_argument("--quiet", action="store_true", help="the engines' logs go to files in the work dir")
+    p.add_argument("--pedro-old", default=None,
+                   help="for the pedro-old method: a folder holding an earlier vllm_pedro renamed vllm_pedro_old "
+                        "(git worktree of an old commit, package copied and its 'vllm_pedro.' names rewritten)")
 
 
 # ---- inputs ---------------------------------------------------------------------------
@@ -200,7 +205,16 @@ class _Engine:
                       enable_prefix_caching=False)
         t0 = time.perf_counter()
         n = spec["num_tenants"]
-        if self.method == "pedro":
+        if spec["method"] == "pedro-old":
+            import sys as _sys
+            _sys.path.insert(0, spec["pedro_old"])
+            import vllm_pedro_old
+            self.llm = vllm_pedro_old.LLM(spec["model"], enable_pedro=True, max_pedro_adapters=spec["pedro_rows"],
+                                          max_pedro_rank=spec["pedro_rank"], pedro_targets=tuple(spec["pedro_targets"]),
+                                          **common)
+            self.reqs = [vllm_pedro_old.PedroRequest(f"tenant-{t}", t + 1, os.path.join(spec["adapter_dir"], f"tenant-{t}"))
+                         for t in range(n)]
+        elif self.method == "pedro":
             import vllm_pedro
             self.llm = vllm_pedro.LLM(spec["model"], enable_pedro=True, max_pedro_adapters=spec["pedro_rows"],
                                       max_cpu_pedro_adapters=max(n, spec["pedro_rows"]),
@@ -238,7 +252,7 @@ class _Engine:
         return outs
 
     def _store(self):
-        if self.method != "pedro":
+        if self.spec["method"] not in ("pedro", "pedro-op"):
             return None
         return self.llm.llm_engine.engine_core.engine_core.scheduler.pedro_store
 
@@ -403,7 +417,7 @@ def _run(args, work) -> dict:
                      max_num_seqs=args.max_num_seqs, max_model_len=args.input_len + args.output_len + 8,
                      kv_cache_space=args.kv_cache_space, pedro_rank=args.pedro_rank,
                      pedro_targets=args.pedro_targets, adapter_dir=adapter_dir, lora_rank=args.lora_rank,
-                     max_loras_cap=args.max_loras_cap)
+                     max_loras_cap=args.max_loras_cap, pedro_old=args.pedro_old)
 
     def start(method: str, n: int) -> EngineProcess:
         rows = args.max_pedro_adapters or min(n, args.max_num_seqs)
@@ -420,7 +434,7 @@ def _run(args, work) -> dict:
             bare_warm = engines["bare"].call("warmup", prompts=shape[:1], tenants=[0], shape_prompts=shape,
                                              shape_tenants=[0] * len(shape), output_len=args.output_len)
         for n in args.num_tenants:
-            for m in ("pedro", "lora", "pedro-op"):
+            for m in ("pedro", "lora", "pedro-op", "pedro-old"):
                 if m in args.methods:
                     old = engines.pop(m, None)
                     if old is not None:
@@ -481,7 +495,7 @@ def _measure(args, engines, warm, vocab, n, assign) -> dict:
                           disk_reads_in_passes=sum(r["disk_reads"] or 0 for r in ps) if m.startswith("pedro") else None)
     ratios = {}
     for num, den in (("pedro", "bare"), ("lora", "bare"), ("pedro", "lora"), ("pedro-op", "bare"),
-                     ("pedro-op", "pedro")):
+                     ("pedro-op", "pedro"), ("pedro-old", "bare"), ("pedro", "pedro-old")):
         if num in per and den in per:
             for key, suffix in (("out_tok_per_s", ""), ("out_tok_per_cpu_s", "_cpu")):
                 vals = [a[key] / b[key] for a, b in zip(per[num], per[den]) if a[key] and b[key]]
