@@ -4,7 +4,8 @@ after each change side by side in one process, at SmolLM2-135M's shapes, per dec
 (all layers), interleaved repeats, median (min-max).
 
   scaling op     q/v scaling: gather + torch.where mask + multiply per range (base tokens
-                 at slot -1)  ->  one gather-multiply (base tokens read a row of ones)
+                 at slot -1)  ->  one gather-multiply over the whole fused qkv output (a
+                 slot row is [q | k | v | up]; base tokens read a row of ones)
   up scaling     a separate scale of the up half, then the model's SiluAndMul  ->  the
                  scaling fused into the activation, silu(gate) * (up * l_u) (the cost
                  shown is what each adds over the bare model's SiluAndMul)
@@ -38,7 +39,7 @@ from vllm_pedro.vllm.runner import StepMap  # noqa: E402
 from vllm_pedro.vllm.slots import SlotPool  # noqa: E402
 
 L, Q, KV, FF = 30, 576, 192, 1536  # SmolLM2-135M
-W = Q + KV + FF
+W = Q + 2 * KV + FF  # a slot row: [q | k | v | up]
 
 
 # -- the code before the changes (commit 7508802, vllm_pedro/ops/reference.py and runner.py) ----------
@@ -130,17 +131,17 @@ def main() -> int:
         # custom-op dispatch: the same body registered as a torch custom op vs called directly
         lib = torch.library.Library("pedro_bench", "FRAGMENT")
         lib.define("scale(Tensor(a!) qkv, Tensor vectors, Tensor slot_idx) -> ()")
-        lib.impl("scale", lambda x, v, s: reference.scale_qkv_(x, v, s, Q, KV, 0, -1, Q), "CPU")
+        lib.impl("scale", lambda x, v, s: reference.scale_(x, v, s, 0), "CPU")
         op = torch.ops.pedro_bench.scale
 
         pairs = {
             "scaling op (q, v)": (per_step(lambda: old_scale_qkv(qkv, vec_old, slot_old)),
-                                  per_step(lambda: backend.scale_qkv_(qkv, vec_new, slot_new, Q, KV, 0, -1, Q))),
+                                  per_step(lambda: backend.scale_(qkv, vec_new, slot_new, 0))),
             "up scaling (added over SiluAndMul)": (
                 per_step(lambda: (old_scale_range(gu[:, FF:], vec_old, slot_old, Q + KV), F.silu(gu[:, :FF]) * gu[:, FF:])),
-                per_step(lambda: reference.silu_and_mul_scaled(gu, vec_new, slot_new, Q + KV))),
+                per_step(lambda: reference.silu_and_mul_scaled(gu, vec_new, slot_new, Q + 2 * KV))),
             "custom-op dispatch (eager)": (per_step(lambda: op(qkv, vec_new, slot_new)),
-                                           per_step(lambda: backend.scale_qkv_(qkv, vec_new, slot_new, Q, KV, 0, -1, Q))),
+                                           per_step(lambda: backend.scale_(qkv, vec_new, slot_new, 0))),
             "backend resolution": (per_step(lambda: (ops.backend("cpu"), ops.backend("cpu"))), per_step(lambda: None)),
         }
         native = measure({"SiluAndMul": (per_step(lambda: F.silu(gu[:, :FF]) * gu[:, FF:]),

@@ -184,8 +184,8 @@ def test_the_contract_is_a_leaf():
 
 
 def test_layers_route_every_target_through_the_resolved_ops(monkeypatch):
-    """Eager mode: q/k/v through the runtime's backend scale_qkv_, up fused into the
-    activation through its silu_and_mul_scaled, with the runtime's columns."""
+    """The opaque-op mode: the qkv block through the runtime's backend scale_ (column 0),
+    up fused into the activation through its silu_and_mul_scaled, with its columns."""
     import torch
 
     from vllm_pedro.vllm import layers
@@ -193,7 +193,7 @@ def test_layers_route_every_target_through_the_resolved_ops(monkeypatch):
     calls = []
 
     class Ops:
-        scale_qkv_ = staticmethod(lambda *a: calls.append(("qkv", a[3:])))
+        scale_ = staticmethod(lambda *a: calls.append(("qkv", a[3:])))
         silu_and_mul_scaled = staticmethod(lambda *a: calls.append(("up", a[3:4])))
 
     class Slots:
@@ -205,15 +205,14 @@ def test_layers_route_every_target_through_the_resolved_ops(monkeypatch):
 
     class RT:
         step, mode, ops, slots = None, "op", Ops, Slots
-        columns = {"q": 0, "k": -1, "v": 8, "up": 12}
-        q_size, kv_size = 8, 4
+        columns = {"q": 0, "k": 8, "v": 12, "up": 16}
         token_slot = torch.zeros(5, dtype=torch.int32)
 
     monkeypatch.setattr(layers, "_runtime", RT)
     layers.pedro_prefill(torch.zeros(3, 6), Slots.vectors, 0)  # no prefill this step: nothing
     layers.pedro_scale_qkv(torch.zeros(3, 16), 0)
     layers.pedro_silu_and_mul(torch.zeros(3, 16), torch.zeros(3, 8), 0)
-    assert calls == [("qkv", (8, 4, 0, -1, 8)), ("up", (12,))]
+    assert calls == [("qkv", (0,)), ("up", (16,))]
 
 
 def test_beam_search_refuses_pedro_and_passes_others():

@@ -259,7 +259,7 @@ def test_slots_are_paid_from_the_kv_budget(tiny_llama_dir):
     pedro_blocks = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
     rt = runtime()
     # [layers, max_num_seqs + 1, d_q + d_v + d_ff] in the model dtype, and the adapter rows
-    assert rt.slots.vectors.shape == (2, 256 + 1, 128 + 64 + 192)  # + the row of ones for base tokens
+    assert rt.slots.vectors.shape == (2, 256 + 1, 128 + 64 + 64 + 192)  # [q|k|v|up]; + the ones row
     block_bytes = budget // base_blocks
     assert budget % base_blocks == 0 and block_bytes == 2 * 2 * cache.block_size * 64 * 4  # layers, K and V
     assert pedro_blocks == (budget - rt.nbytes) // block_bytes < base_blocks

@@ -43,9 +43,11 @@ def test_slot_pool_lifecycle():
 def test_shard_layout_tp():
     base = BaseShapes(num_layers=1, hidden_size=8, q_size=8, kv_size=4, ff_size=12)
     full = ShardLayout(("q", "v", "up"), base, num_kv_heads_total=2, head_size=2)
-    assert full.columns() == {"q": 0, "k": -1, "v": 8, "up": 12} and full.width == 24
+    # [q | k | v] like the fused qkv output, whatever is targeted (k's vectors stay ones), then up
+    assert full.columns() == {"q": 0, "k": 8, "v": 12, "up": 16} and full.width == 28 and full.qkv_width == 16
+    assert ShardLayout(("q", "v"), base, num_kv_heads_total=2, head_size=2).columns()["up"] == -1
     r1 = ShardLayout(("up", "q", "v"), base, tp_rank=1, tp_size=2, num_kv_heads_total=2, head_size=2)
-    assert r1.targets == ("q", "v", "up") and r1.width == 12
+    assert r1.targets == ("q", "v", "up") and r1.width == 4 + 2 + 2 + 6
     assert [r1.full_range(t) for t in ("q", "v", "up")] == [(4, 8), (2, 4), (6, 12)]
     # 4 ranks, 2 KV heads: ranks 0,1 share head 0 and ranks 2,3 share head 1.
     kv = [ShardLayout(("v",), base, tp_rank=r, tp_size=4, num_kv_heads_total=2, head_size=2).full_range("v")
@@ -230,5 +232,20 @@ def test_store_refuses_changed_files_and_unservable_adapters(adapter_dirs, tmp_p
         e = settle(store, ref_of(adapter_dirs[0], 1))
         assert e.state is State.FAILED and "not served" in e.error
         assert store.num_resident == 0
+    finally:
+        store.shutdown()
+
+
+def test_store_loader_threads_run_torch_serially(adapter_dirs):
+    """A loader thread's torch ops must not start a second OpenMP team beside the model's
+    (it would compete for the cores for the life of the engine): the loader runs with one
+    OpenMP thread and the calling thread keeps its count."""
+    cfg, _ = load_adapter(adapter_dirs[0])
+    before = torch.get_num_threads()
+    store = HostAdapterStore(cfg.base_shapes, PedroArgs(targets=("q", "k", "v", "up")), torch.float32, capacity=2)
+    try:
+        assert settle(store, ref_of(adapter_dirs[0], 0)).state is State.READY
+        assert store._pool.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == before
     finally:
         store.shutdown()

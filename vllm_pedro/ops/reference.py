@@ -22,6 +22,11 @@ def _scaled(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return x * v if x.dtype == torch.float32 else (x.float() * v.float()).to(x.dtype)
 
 
+def scaled(x: torch.Tensor, vectors, slot_idx, col: int) -> torch.Tensor:
+    """x * vectors[slot_idx[t], col:col+D] out of place (the form torch.compile traces)."""
+    return _scaled(x, _rows(vectors, slot_idx, x.shape[0], col, x.shape[1]))
+
+
 def _scale_range_(x: torch.Tensor, vectors, slot_idx, col: int) -> None:
     v = _rows(vectors, slot_idx, x.shape[0], col, x.shape[1])
     if x.dtype == torch.float32:

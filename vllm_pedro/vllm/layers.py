@@ -2,8 +2,9 @@
 
 Each decoder layer's `qkv_proj` is wrapped: after the projection, one custom op
 (`torch.ops.vllm.pedro_prefill`) runs, at prefill only, the generators of the step's
-prefilling requests and writes their vectors into the slots; then the q/k/v ranges are
-scaled, every token by its slot's row (base tokens by the row of ones). The FFN's up
+prefilling requests and writes their vectors into the slots; then the fused qkv output
+is multiplied by its slot row's [q | k | v] block, every token (base tokens by the row
+of ones). The FFN's up
 scaling is fused into the activation: the layer's `act_fn` (SiluAndMul) becomes
 silu(gate) * (up * l_u) in one op. An MLP with another activation keeps it and gets the
 up scaling on its `gate_up_proj` output instead.
@@ -65,8 +66,7 @@ def pedro_prefill(x: torch.Tensor, slots: torch.Tensor, layer: int) -> None:
 
 def pedro_scale_qkv(qkv: torch.Tensor, layer: int) -> None:
     rt = _runtime
-    c = rt.columns
-    rt.ops.scale_qkv_(qkv, rt.slots.layer(layer), rt.token_slot, rt.q_size, rt.kv_size, c["q"], c["k"], c["v"])
+    rt.ops.scale_(qkv, rt.slots.layer(layer), rt.token_slot, 0)  # the row's [q | k | v] block
 
 
 def pedro_silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor, layer: int) -> None:
@@ -103,8 +103,8 @@ def register_ops() -> None:
 
 # -- the wrappers --------------------------------------------------------------------------
 class PedroQKVProj(nn.Module):
-    """Wraps QKVParallelLinear: generators at prefill, then Q' = l_q * Q, V' = l_v * V (and
-    K if targeted) for every token."""
+    """Wraps QKVParallelLinear: generators at prefill, then [Q | K | V] *= the slot row's
+    [l_q | l_k | l_v] for every token (an untargeted part is ones)."""
 
     def __init__(self, base: nn.Module, layer: int, runtime):
         super().__init__()
@@ -113,19 +113,16 @@ class PedroQKVProj(nn.Module):
 
     def forward(self, x):
         out, bias = self.base_layer(x)
-        rt, c = self.rt, self.rt.columns
+        rt = self.rt
         if rt.mode == "eager":
             if rt.step is not None:
                 pedro_prefill(x, rt.slots.vectors, self.layer)
-            rt.ops.scale_qkv_(out, rt.slots.vectors[self.layer], rt.token_slot, rt.q_size, rt.kv_size,
-                              c["q"], c["k"], c["v"])
+            rt.ops.scale_(out, rt.slots.vectors[self.layer], rt.token_slot, 0)  # the row's [q | k | v] block
             return out, bias
         torch.ops.vllm.pedro_prefill(x, rt.slots.vectors, self.layer)
-        if rt.mode == "trace":
-            reference.scale_qkv_(out, rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]], rt.q_size,
-                                 rt.kv_size, c["q"], c["k"], c["v"])
-        else:
-            torch.ops.vllm.pedro_scale_qkv(out, self.layer)
+        if rt.mode == "trace":  # out of place: a plain product torch.compile fuses into what reads qkv
+            return reference.scaled(out, rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]], 0), bias
+        torch.ops.vllm.pedro_scale_qkv(out, self.layer)
         return out, bias
 
 

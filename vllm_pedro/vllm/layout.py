@@ -10,9 +10,8 @@ from ..config import TARGETS, BaseShapes
 
 @dataclass(frozen=True)
 class ShardLayout:
-    """One rank's view. A slot row holds the targets side by side in TARGETS order, each
-    only this rank's shard, so vectors are sharded exactly like the column-parallel
-    q/v/up outputs they scale."""
+    """One rank's view. A slot row holds [q | k | v | up], each only this rank's shard, so
+    vectors are sharded exactly like the column-parallel q/k/v/up outputs they scale."""
 
     targets: tuple[str, ...]
     base: BaseShapes
@@ -51,13 +50,19 @@ class ShardLayout:
         return start, start + self.kv_shard
 
     def columns(self) -> dict[str, int]:
-        """target -> first column in this rank's slot row (-1 when not a target)."""
-        cols, start = {t: -1 for t in TARGETS}, 0
-        for t in self.targets:
-            cols[t] = start
-            start += self.shard_width(t)
-        return cols
+        """target -> first column in this rank's slot row (-1 for up when it is not served).
+
+        The row starts with a full [q | k | v] block laid out like this rank's fused qkv
+        output, whatever is targeted (an adapter's untargeted part has W_up = b_up = 0
+        there: factor 1), so the decode scaling of qkv is one elementwise product with no
+        ranges, which torch.compile fuses into the rotary embedding cleanly; up follows."""
+        q, kv = self.q_shard, self.kv_shard
+        return {"q": 0, "k": q, "v": q + kv, "up": q + 2 * kv if "up" in self.targets else -1}
+
+    @property
+    def qkv_width(self) -> int:
+        return self.q_shard + 2 * self.kv_shard
 
     @property
     def width(self) -> int:
-        return sum(self.shard_width(t) for t in self.targets)
+        return self.qkv_width + (self.ff_shard if "up" in self.targets else 0)

@@ -119,7 +119,9 @@ class PedroRuntime:
         self.layout = ShardLayout(targets=args.targets, base=self.base, tp_rank=get_tensor_model_parallel_rank(),
                                   tp_size=get_tensor_model_parallel_world_size(),
                                   num_kv_heads_total=qkv.total_num_kv_heads, head_size=qkv.head_size)
-        self.q_size, self.kv_size = qkv.num_heads * qkv.head_size, qkv.num_kv_heads * qkv.head_size
+        if self.layout.qkv_width != (qkv.num_heads + 2 * qkv.num_kv_heads) * qkv.head_size:
+            raise RuntimeError(f"PEDRO's slot layout ({self.layout.qkv_width} qkv columns) does not match this rank's "
+                               f"fused qkv output ({qkv.num_heads} q and {qkv.num_kv_heads} kv heads of {qkv.head_size})")
         self.columns = self.layout.columns()
         device, dtype = runner.device, runner.model_config.dtype
         self.ops = ops.backend(device)  # resolved once (VLLM_PEDRO_OPS_BACKEND read here)

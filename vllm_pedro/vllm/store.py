@@ -13,6 +13,7 @@ unpinned entry is evicted, and a load waits for room rather than grow past the b
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
 import threading
@@ -102,6 +103,23 @@ def default_capacity(base: BaseShapes, max_rank: int, dtype: torch.dtype, fracti
     return max(1, int(psutil.virtual_memory().total * fraction // per))
 
 
+def serial_openmp_in_this_thread() -> None:
+    """Loader-thread initializer. A torch op that opens an OpenMP parallel region from a
+    second thread makes OpenMP start a second team of worker threads, which then competes
+    with the model's team for the same cores for the life of the process (measured on the
+    2-core CPU: every decode step ~10% slower after the first adapter load). OpenMP's
+    thread count is a per-thread setting, so setting it to 1 here keeps the loader's ops
+    serial and leaves the model's threads alone. (torch.set_num_threads would also reset
+    MKL's global count, and vLLM's CPU worker turns it into a no-op after binding threads.)"""
+    torch.get_num_threads()  # torch's once-per-thread init sets the count; run it first, then override
+    try:
+        # The process's global symbol scope holds the OpenMP runtime torch calls (its own
+        # libgomp, or an LD_PRELOADed libiomp5); other packages bundle private copies.
+        ctypes.CDLL(None).omp_set_num_threads(1)
+    except (AttributeError, OSError):
+        pass  # no OpenMP runtime: torch ops cannot start a team either
+
+
 class HostAdapterStore:
     def __init__(self, base: BaseShapes, serving, dtype: torch.dtype, capacity: int, pin: bool = False,
                  loader_threads: int = 2):
@@ -110,7 +128,8 @@ class HostAdapterStore:
         self.stats = StoreStats()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # digest -> entry, LRU first
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="pedro-adapter-loader")
+        self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="pedro-adapter-loader",
+                                        initializer=serial_openmp_in_this_thread)
 
     # -- what the scheduler calls ---------------------------------------------------------
     def want(self, ref: PedroRequest, pin: bool = False) -> _Entry:
