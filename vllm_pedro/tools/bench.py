@@ -597,6 +597,9 @@ def _environment() -> dict:
             env["cpu_model"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
     except OSError:
         pass
+    # the memory allocator changes CPU numbers (vLLM recommends a caching one, tcmalloc, for CPU serving)
+    env["ld_preload"] = os.environ.get("LD_PRELOAD") or None
+    env["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     env["loadavg_at_end"] = os.getloadavg()
     return env
 
