@@ -228,6 +228,64 @@ def test_seed_makes_runs_repeatable(tiny_llama_dir, task, tmp_path):
     assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
 
 
+# -- bi-level optimisation -------------------------------------------------------------------
+def test_bilevel_each_parameter_group_steps_only_on_its_own_data(tiny_llama_dir, task, tmp_path, monkeypatch):
+    """Weight steps see only the training part and move only the generator weights; the
+    coefficient steps see only held-out examples and move only the rational coefficients."""
+    import vllm_pedro.train as tr
+
+    base, tok = load_base_model(tiny_llama_dir)
+    examples = encode_records(tok, read_jsonl(task[0]), 64)
+    rest, held = tr.split_holdout(examples, 0.25, seed=3)
+    key = lambda e: tuple(e.input_ids)  # noqa: E731
+    assert len(held) == 32 and len(rest) == 96 and not {key(e) for e in rest} & {key(e) for e in held}
+    held_rows = {key(e) for e in held}
+
+    calls = []
+    real = tr.accumulate_gradients
+
+    def spy(model, micro):
+        rows = {tuple(r[m.bool()].tolist()) for b in micro for r, m in zip(b["input_ids"], b["attention_mask"])}
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        calls.append({"held": rows <= held_rows, "train": not rows & held_rows, "before": before, "model": model})
+        return real(model, micro)
+
+    monkeypatch.setattr(tr, "accumulate_gradients", spy)
+    m = train(base_args(tiny_llama_dir, task, tmp_path / "bl", dev_file=None, max_steps=4, bilevel=True,
+                        bilevel_holdout=0.25, seed=3))
+    assert m["bilevel"]["holdout_examples"] == 32 and m["bilevel"]["upper_steps"] == 4
+    assert m["train_examples"] == 96 and [("upper_loss" in h) for h in m["history"]] == [True] * 4
+    assert len(calls) == 8  # weights, coefficients, weights, ...
+    model = calls[0]["model"]
+    after = [c["before"] for c in calls[1:]] + [{n: p.detach().clone() for n, p in model.named_parameters()
+                                                   if p.requires_grad}]
+    for i, (c, nxt) in enumerate(zip(calls, after)):
+        upper_turn = i % 2 == 1
+        assert c["held"] if upper_turn else c["train"], f"call {i} read the other group's data"
+        moved = {n for n in c["before"] if not torch.equal(c["before"][n], nxt[n])}
+        assert moved, f"call {i} changed nothing"
+        assert all(tr.is_upper_level(n) == upper_turn for n in moved), f"call {i} moved {sorted(moved)[:3]}"
+
+
+def test_bilevel_runs_are_repeatable_and_differ_from_joint(tiny_llama_dir, task, tmp_path):
+    kw = dict(dev_file=None, max_steps=3, seed=5)
+    runs = [train(base_args(tiny_llama_dir, task, tmp_path / str(i), bilevel=True, bilevel_lr=3e-2, **kw))
+            for i in range(2)]
+    assert [(h["loss"], h["upper_loss"]) for h in runs[0]["history"]] == \
+        [(h["loss"], h["upper_loss"]) for h in runs[1]["history"]]
+    joint = train(base_args(tiny_llama_dir, task, tmp_path / "joint", **kw))
+    assert joint["bilevel"] is None and joint["train_examples"] > runs[0]["train_examples"]
+
+
+def test_bilevel_needs_pedro_with_rational_activation(tmp_path):
+    with pytest.raises(ValueError, match="rational"):
+        TrainArgs(model="m", train_file="t", output_dir=str(tmp_path), bilevel=True, activation="gelu").validate()
+    with pytest.raises(ValueError, match="rational"):
+        TrainArgs(model="m", train_file="t", output_dir=str(tmp_path), bilevel=True, method="lora").validate()
+    with pytest.raises(ValueError, match="bilevel_holdout"):
+        TrainArgs(model="m", train_file="t", output_dir=str(tmp_path), bilevel=True, bilevel_holdout=1.0).validate()
+
+
 # -- data ------------------------------------------------------------------------------------
 def test_bad_jsonl_line_is_named(tmp_path):
     good = json.dumps({"prompt": "p", "response": "r"})

@@ -89,6 +89,21 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA alpha (--method lora)")
     m.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="LoRA dropout (--method lora)")
 
+    b = p.add_argument_group(
+        "bi-level optimisation (PEDRO, rational activation)",
+        "As in the PEDRO paper (after DARTS): the learnable rational activations are the architecture, "
+        "fitted on held-out data while the generator weights are fitted on the training data. With "
+        "--bilevel a seeded slice of the training file is held out; after every weight step, one step of "
+        "the activation coefficients follows on a held-out batch (first-order: the gradient at the current "
+        "weights, no second-order term). The dev file is untouched: it still chooses the adapter kept.")
+    b.add_argument("--bilevel", action="store_true", help="bi-level optimisation of the rational activations")
+    b.add_argument("--bilevel-holdout", type=float, default=d.bilevel_holdout,
+                   help="fraction of the training examples held out for the activation coefficients")
+    b.add_argument("--bilevel-lr", type=float, default=d.bilevel_lr,
+                   help="peak learning rate of the coefficients (default: --lr)")
+    b.add_argument("--bilevel-every", type=int, default=d.bilevel_every,
+                   help="one coefficient step every N weight steps")
+
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of AdamW")
     o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
@@ -130,7 +145,8 @@ def run_train(args: argparse.Namespace) -> int:
         model=args.model, train_file=args.train_file, output_dir=args.output_dir, dev_file=args.dev_file,
         method=args.method, r=args.r, pooler=args.pooler, activation=args.activation,
         targets=_targets(args.targets), lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, lr=args.lr, weight_decay=args.weight_decay,
+        lora_dropout=args.lora_dropout, bilevel=args.bilevel, bilevel_holdout=args.bilevel_holdout,
+        bilevel_lr=args.bilevel_lr, bilevel_every=args.bilevel_every, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_len=args.max_len, eval_steps=args.eval_steps, eval_batch_size=args.eval_batch_size,

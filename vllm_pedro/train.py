@@ -51,6 +51,13 @@ class TrainArgs:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    # bi-level optimisation (PEDRO with the rational activation): the activation's
+    # coefficients step on a held-out slice of the training data, alternating with the
+    # generator weights, which step on the rest (first-order, as DARTS' first-order variant)
+    bilevel: bool = False
+    bilevel_holdout: float = 0.1  # fraction of the training examples held out for the coefficients
+    bilevel_lr: float | None = None  # the coefficients' peak learning rate (default: lr)
+    bilevel_every: int = 1  # one coefficient step every this many weight steps
     # optimisation
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -88,6 +95,14 @@ class TrainArgs:
             raise ValueError("early stopping (patience) needs a dev file")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.bilevel:
+            if self.method != "pedro" or self.activation != "rational":
+                raise ValueError("bi-level optimisation trains the rational activation's coefficients: it needs "
+                                 "--method pedro --activation rational")
+            if not 0.0 < self.bilevel_holdout < 1.0:
+                raise ValueError(f"bilevel_holdout must be in (0, 1), got {self.bilevel_holdout}")
+            if self.bilevel_every < 1:
+                raise ValueError(f"bilevel_every must be at least 1, got {self.bilevel_every}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}; choose float32, float16 or bfloat16")
 
@@ -212,6 +227,65 @@ def _load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
                 p.copy_(state[n])
 
 
+UPPER_LEVEL = ("rat_num", "rat_den")  # the rational activation's coefficients
+
+
+def is_upper_level(name: str) -> bool:
+    """Whether parameter `name` belongs to the bi-level upper level (the architecture)."""
+    return name.rsplit(".", 1)[-1] in UPPER_LEVEL
+
+
+def split_holdout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(rest, held out): a seeded random `fraction` of `examples` (at least one each)."""
+    if len(examples) < 2:
+        raise ValueError("bi-level optimisation needs at least 2 training examples (one held out)")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    k = min(max(1, round(fraction * len(examples))), len(examples) - 1)
+    held = set(order[:k])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+class BilevelUpper:
+    """The upper level of bi-level optimisation (Liu et al., DARTS, first-order): the
+    rational activations' coefficients are the architecture, fitted on held-out training
+    examples; the generator weights are fitted on the rest. After each weight step (at
+    the current weights, with no second-order term) one coefficient step follows on the
+    next held-out batch, with its own AdamW and the same warm-up and decay."""
+
+    def __init__(self, examples: list, params: list[torch.Tensor], args: TrainArgs, pad_id: int):
+        if not params:
+            raise RuntimeError("bi-level optimisation found no rational activation coefficients to train")
+        self.examples, self.params, self.args, self.pad_id = examples, params, args, pad_id
+        self.gen = torch.Generator().manual_seed(args.seed + 104729)
+        self.queue: list[dict[str, torch.Tensor]] = []
+        self.steps = 0
+
+    def start(self, warmup: int, total_steps: int) -> None:
+        from transformers import get_linear_schedule_with_warmup
+
+        lr = self.args.bilevel_lr or self.args.lr
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        upper_total = max(1, total_steps // self.args.bilevel_every)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, min(warmup // self.args.bilevel_every, upper_total - 1), upper_total)
+
+    def _next_batch(self) -> list[dict[str, torch.Tensor]]:
+        if not self.queue:
+            order = torch.randperm(len(self.examples), generator=self.gen).tolist()
+            self.queue = list(batches(self.examples, self.args.batch_size, self.pad_id, order))
+        return [self.queue.pop(0)]
+
+    def step(self, model: nn.Module) -> float:
+        loss = accumulate_gradients(model, self._next_batch())
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        model.zero_grad(set_to_none=True)  # the weights' gradients from the held-out batch are dropped
+        self.steps += 1
+        return loss
+
+
 def save_adapter(model: nn.Module, output_dir: str) -> None:
     os.makedirs(output_dir, exist_ok=True)
     if isinstance(model, PedroModel):
@@ -247,6 +321,12 @@ def train(args: TrainArgs, model: nn.Module | None = None, tokenizer=None) -> di
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("no trainable parameters")
+    upper = None  # bi-level: the held-out examples and parameters of the upper level
+    if args.bilevel:
+        train_examples, upper_examples = split_holdout(train_examples, args.bilevel_holdout, args.seed)
+        upper_params = [p for n, p in model.named_parameters() if p.requires_grad and is_upper_level(n)]
+        params = [p for n, p in model.named_parameters() if p.requires_grad and not is_upper_level(n)]
+        upper = BilevelUpper(upper_examples, upper_params, args, pad_id)
 
     micro_per_epoch = math.ceil(len(train_examples) / args.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum)
@@ -256,6 +336,8 @@ def train(args: TrainArgs, model: nn.Module | None = None, tokenizer=None) -> di
 
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    if upper is not None:
+        upper.start(warmup, total_steps)
 
     eval_bs = args.eval_batch_size or args.batch_size
 
@@ -300,11 +382,13 @@ def train(args: TrainArgs, model: nn.Module | None = None, tokenizer=None) -> di
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)  # bi-level: the coefficients' gradients from this batch too
                 step += 1
                 rec = {"step": step, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0]}
                 if grad_norm is not None:
                     rec["grad_norm"] = grad_norm
+                if upper is not None and step % args.bilevel_every == 0:
+                    rec["upper_loss"] = upper.step(model)
                 history.append(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", **({"dev": f"{best_loss:.4f}"} if evals else {}))
@@ -341,6 +425,8 @@ def train(args: TrainArgs, model: nn.Module | None = None, tokenizer=None) -> di
         "total_params": total_params,
         "train_examples": len(train_examples),
         "dev_examples": len(dev_examples) if dev_examples else 0,
+        "bilevel": None if upper is None else {"holdout_examples": len(upper.examples), "upper_steps": upper.steps,
+                                               "order": "first-order, alternating"},
         "wall_time_s": time.perf_counter() - start,
         "device": str(device),
         "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(args).items()},

@@ -108,11 +108,12 @@ def build_variants(methods, lora_ranks, shapes, tolerance=0.2) -> list[dict]:
         if "lora" in methods:
             out.append({"variant": f"lora-r{lr_}", "method": "lora", "trained": True, "lora_r": lr_,
                         "params_formula": n_lora})
-        if "pedro" in methods:
-            r, n = match_pedro_rank(shapes, n_lora, tolerance)
-            out.append({"variant": f"pedro~lora-r{lr_}", "method": "pedro", "trained": True, "r": r,
-                        "params_formula": n, "matched_to": f"lora-r{lr_}", "matched_params": n_lora,
-                        "param_ratio": n / n_lora})
+        for kind, bilevel in (("pedro", False), ("pedro-bilevel", True)):
+            if kind in methods:
+                r, n = match_pedro_rank(shapes, n_lora, tolerance)
+                out.append({"variant": f"{'pedro-bl' if bilevel else 'pedro'}~lora-r{lr_}", "method": "pedro",
+                            "bilevel": bilevel, "trained": True, "r": r, "params_formula": n,
+                            "matched_to": f"lora-r{lr_}", "matched_params": n_lora, "param_ratio": n / n_lora})
     if "ia3" in methods:
         out.append({"variant": "ia3", "method": "ia3", "trained": True, "params_formula": None})
     return out
@@ -256,12 +257,16 @@ def prepare_data(args, work: str) -> dict[str, dict]:
     return metas
 
 
-def train_one(args, model_dir, meta, variant, seed, adapter_dir) -> dict:
+def variant_lr(args, variant) -> float:
+    """The learning rate of a run without tuning (--lr overrides, else DEFAULT_LR)."""
+    return args.lr.get(variant["method"], DEFAULT_LR[variant["method"]])
+
+
+def train_one(args, model_dir, meta, variant, seed, adapter_dir, lr: float) -> dict:
     from vllm_pedro.train import TrainArgs, train
 
     m = variant["method"]
-    lr = args.lr.get(m, DEFAULT_LR[m])
-    ta = TrainArgs(model=model_dir, train_file=meta["paths"]["train"],
+    ta = TrainArgs(model=model_dir, train_file=meta["paths"]["train"], bilevel=bool(variant.get("bilevel")),
                    dev_file=meta["paths"]["dev"] if meta["counts"].get("dev") else None,
                    output_dir=adapter_dir, method=m, r=variant.get("r", 16),
                    lora_r=variant.get("lora_r", 8), lora_alpha=2 * variant.get("lora_r", 8),
@@ -270,6 +275,130 @@ def train_one(args, model_dir, meta, variant, seed, adapter_dir) -> dict:
                    eval_steps=args.eval_steps or None, eval_batch_size=args.batch_size,
                    seed=seed, dtype=args.dtype, device="cpu", progress=args.progress)
     return train(ta)
+
+
+def execute(args, runs, model_dir, tokenizer, eos, log_prefix: str) -> None:
+    """Phase 1, run by run: train (or reuse a finished adapter), transformers eval, save.
+    Phase 2: one vLLM engine (with PEDRO) decodes every PEDRO adapter's and the base's
+    test prompts (dev runs are scored from transformers only)."""
+    import tasks
+
+    def complete(r):
+        """Done before with the same settings (else it is redone)."""
+        if not os.path.isfile(r["json"]):
+            return False
+        with open(r["json"]) as f:
+            old = json.load(f)
+        r["result"] = old
+        return old.get("complete", False) and old.get("fingerprint") == json.loads(json.dumps(r["fingerprint"]))
+
+    done = [complete(r) for r in runs]  # (loads each finished run's result)
+    todo = [] if args.summarize_only else [r for r, d in zip(runs, done) if args.overwrite or not d]
+    log(f"{log_prefix}: {len(runs)} runs, {len(todo)} to do")
+    for i, r in enumerate(todo):
+        v, spec = r["variant"], r["spec"]
+        res = r["result"] = {"task": r["task"], "variant": v["variant"], "method": v["method"], "seed": r["seed"],
+                             "phase": r["phase"], "lr": r["lr"], "model": model_dir, "variant_config": v,
+                             "complete": False, "fingerprint": r["fingerprint"],
+                             "data": {k: r["meta"][k] for k in ("counts", "seed", "source_sha256")},
+                             "args": {k: x for k, x in vars(args).items()}}
+        where = f"[{log_prefix} {i + 1}/{len(todo)}] {r['task']} {v['variant']} lr {r['lr']:g} seed {r['seed']}"
+        if v["trained"]:
+            metrics_path = os.path.join(r["adapter"], "train_metrics.json")
+            m = None
+            if os.path.isfile(metrics_path) and not args.overwrite:
+                with open(metrics_path) as f:
+                    m = json.load(f)
+                if m.get("fingerprint") != json.loads(json.dumps(r["adapter_fingerprint"])):
+                    m = None  # trained with other settings: train again
+                else:
+                    log(f"reuse adapter {where}: {r['adapter']}")
+            if m is None:
+                log(f"train {where}")
+                m = train_one(args, model_dir, r["meta"], v, r["seed"], r["adapter"], r["lr"])
+                m["fingerprint"] = r["adapter_fingerprint"]
+                write_json(metrics_path, m)
+            res["train"] = {k: m.get(k) for k in ("steps", "best_dev_loss", "best_step", "initial_dev_loss",
+                                                  "final_train_loss", "trainable_params", "wall_time_s",
+                                                  "stopped_early", "train_examples", "bilevel")}
+            res["train"]["lr"] = m["args"]["lr"]
+            res["trainable_params"] = m["trainable_params"]
+            if v["params_formula"] is not None and m["trainable_params"] != v["params_formula"]:
+                raise RuntimeError(f"{v['variant']}: trainable parameters {m['trainable_params']} differ from "
+                                   f"the formula's {v['params_formula']}")
+        else:
+            res["trainable_params"] = 0
+        t = time.perf_counter()
+        hf_bs = args.pedro_hf_batch_size if v["method"] == "pedro" and r["phase"] == "test" else args.hf_batch_size
+        ids = hf_generate(model_dir, v["method"], r["adapter"] if v["trained"] else None, r["pids"],
+                          spec.max_new_tokens, hf_bs, args.dtype)
+        texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+        res["hf_token_ids"] = ids
+        res["scores_hf"] = tasks.score(r["task"], texts, r["test"])
+        res["eval_hf_s"] = time.perf_counter() - t
+        res["predictions_hf"] = texts[:args.keep_predictions]
+        needs_vllm = v["method"] in ("pedro", "base") and not args.no_vllm and r["phase"] == "test"
+        if not needs_vllm:
+            res["complete"] = True
+            if v["method"] in ("pedro", "base") and r["phase"] == "test":
+                res["scores_vllm"], res["vllm_skipped"] = None, "--no-vllm"
+        write_json(r["json"], res)
+        log(f"eval hf {where}: {res['scores_hf']}")
+
+    vllm_todo = [r for r in todo if not r["result"]["complete"]]
+    if not vllm_todo:
+        return
+    max_rank = max([r["variant"].get("r", 1) for r in vllm_todo])
+    longest = max(len(p) for r in vllm_todo for p in r["pids"])
+    max_len = max(r["spec"].max_new_tokens for r in vllm_todo) + longest + 8
+    t = time.perf_counter()
+    ev = VllmEvaluator(model_dir, max_rank, max_model_len=max_len, dtype=args.dtype)
+    log(f"vLLM engine up in {time.perf_counter() - t:.1f}s")
+    try:
+        for r in vllm_todo:
+            v, spec, res = r["variant"], r["spec"], r["result"]
+            t = time.perf_counter()
+            ids = ev.generate(r["pids"], spec.max_new_tokens, eos, r["adapter"] if v["trained"] else None,
+                              name=v["variant"])
+            texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+            res["scores_vllm"] = tasks.score(r["task"], texts, r["test"])
+            res["eval_vllm_s"] = time.perf_counter() - t
+            res["predictions_vllm"] = texts[:args.keep_predictions]
+            hf_ids = res["hf_token_ids"]
+            same = [a == b for a, b in zip(ids, hf_ids)]
+            res["vllm_hf_agreement"] = {
+                "n": len(same), "identical": sum(same), "rate": sum(same) / max(1, len(same)),
+                "mismatches": [{"index": i, "hf": hf_ids[i], "vllm": ids[i]}
+                               for i, s in enumerate(same) if not s][:5]}
+            res["complete"] = True
+            write_json(r["json"], res)
+            msg = (f"eval vllm {r['task']} {v['variant']} seed {r['seed']}: {res['scores_vllm']} "
+                   f"(identical to transformers on {sum(same)}/{len(same)})")
+            log(msg if all(same) else "WARNING: vLLM and transformers disagree: " + msg)
+    finally:
+        ev.close()
+
+
+def choose_learning_rates(dev_runs) -> dict:
+    """task -> variant -> {"chosen_lr", "by_lr": {lr: {primary metric, dev loss}}}: the rate
+    with the best dev primary metric, ties broken by the lower dev loss, then the lower rate."""
+    import tasks
+
+    out: dict = {}
+    for r in dev_runs:
+        res = r["result"]
+        metric = PRIMARY[tasks.get_task(r["task"]).kind]
+        entry = out.setdefault(r["task"], {}).setdefault(r["variant"]["variant"], {"metric": metric, "by_lr": {}})
+        entry["by_lr"][f"{r['lr']:g}"] = {"lr": r["lr"], metric: res["scores_hf"][metric],
+                                          "dev_loss": res["train"]["best_dev_loss"],
+                                          "train_s": res["train"]["wall_time_s"]}
+    for variants in out.values():
+        for entry in variants.values():
+            best = max(entry["by_lr"].values(),
+                       key=lambda e: (e[entry["metric"]], -(e["dev_loss"] if e["dev_loss"] is not None else 0),
+                                      -e["lr"]))
+            entry["chosen_lr"] = best["lr"]
+    return out
 
 
 def run_study(args) -> dict:
@@ -306,125 +435,44 @@ def run_study(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     eos = eos_ids_of(tokenizer, model_dir)
 
-    # Every run of the study; then phase 1 (train + transformers eval, run by run) and
-    # phase 2 (one vLLM engine for all PEDRO and base runs).
-    runs = []
-    for task_name, meta in metas.items():
+    def plan(task_name, v, seed, lr, phase):
+        """One run: train (or reuse) the adapter of (v, seed, lr), score it on the dev set
+        (phase "dev": choosing the learning rate) or on the test set (phase "test")."""
+        meta = metas[task_name]
         spec = tasks.get_task(task_name)
         if args.max_new_tokens:
             spec = dataclasses.replace(spec, max_new_tokens=min(spec.max_new_tokens, args.max_new_tokens))
-        test = tasks.read_records(meta["paths"]["test"])
-        pids = prompt_token_ids(tokenizer, [r["prompt"] for r in test])
-        for v in variants:
-            for seed in (args.seeds if v["trained"] else [None]):
-                tag = "seed-none" if seed is None else f"seed{seed}"
-                fingerprint = {"model": os.path.abspath(model_dir), "variant": v, "seed": seed,
-                               "data": {k: meta[k] for k in ("counts", "seed", "source_sha256")},
-                               "max_new_tokens": spec.max_new_tokens, "dtype": args.dtype}
-                if v["trained"]:
-                    fingerprint["train"] = {"steps": args.steps, "batch_size": args.batch_size,
-                                            "grad_accum": args.grad_accum, "max_len": args.max_len,
-                                            "lr": args.lr.get(v["method"], DEFAULT_LR[v["method"]]),
-                                            "eval_steps": args.eval_steps}
-                runs.append({"task": task_name, "spec": spec, "meta": meta, "test": test, "pids": pids,
-                             "variant": v, "seed": seed, "fingerprint": fingerprint,
-                             "json": os.path.join(out_dir, "runs", spec.slug, v["variant"], f"{tag}.json"),
-                             "adapter": os.path.join(work, "adapters", spec.slug, v["variant"], tag)})
-    def complete(r):
-        """Done before with the same settings (else it is redone)."""
-        if not os.path.isfile(r["json"]):
-            return False
-        with open(r["json"]) as f:
-            old = json.load(f)
-        return old.get("complete", False) and old.get("fingerprint") == json.loads(json.dumps(r["fingerprint"]))
-
-    todo = [] if args.summarize_only else [r for r in runs if args.overwrite or not complete(r)]
-    log(f"{len(runs)} runs, {len(todo)} to do")
-
-    # Phase 1, run by run: train (or reuse a finished adapter), transformers eval, save.
-    for i, r in enumerate(todo):
-        v, spec = r["variant"], r["spec"]
-        res = r["result"] = {"task": r["task"], "variant": v["variant"], "method": v["method"], "seed": r["seed"],
-                             "model": model_dir, "variant_config": v, "complete": False,
-                             "fingerprint": r["fingerprint"],
-                             "data": {k: r["meta"][k] for k in ("counts", "seed", "source_sha256")},
-                             "args": {k: x for k, x in vars(args).items()}}
+        records = tasks.read_records(meta["paths"][phase])
+        tag = "seed-none" if seed is None else f"seed{seed}"
+        fingerprint = {"model": os.path.abspath(model_dir), "variant": v, "seed": seed,
+                       "data": {k: meta[k] for k in ("counts", "seed", "source_sha256")},
+                       "max_new_tokens": spec.max_new_tokens, "dtype": args.dtype}
         if v["trained"]:
-            metrics_path = os.path.join(r["adapter"], "train_metrics.json")
-            m = None
-            if os.path.isfile(metrics_path) and not args.overwrite:
-                with open(metrics_path) as f:
-                    m = json.load(f)
-                if m.get("fingerprint") != json.loads(json.dumps(r["fingerprint"])):
-                    m = None  # trained with other settings: train again
-                else:
-                    log(f"reuse adapter [{i + 1}/{len(todo)}] {r['adapter']}")
-            if m is None:
-                log(f"train [{i + 1}/{len(todo)}] {r['task']} {v['variant']} seed {r['seed']}")
-                m = train_one(args, model_dir, r["meta"], v, r["seed"], r["adapter"])
-                m["fingerprint"] = r["fingerprint"]
-                write_json(metrics_path, m)
-            res["train"] = {k: m[k] for k in ("steps", "best_dev_loss", "best_step", "initial_dev_loss",
-                                              "final_train_loss", "trainable_params", "wall_time_s",
-                                              "stopped_early", "train_examples")}
-            res["train"]["lr"] = m["args"]["lr"]
-            res["trainable_params"] = m["trainable_params"]
-            if v["params_formula"] is not None and m["trainable_params"] != v["params_formula"]:
-                raise RuntimeError(f"{v['variant']}: trainable parameters {m['trainable_params']} differ from "
-                                   f"the formula's {v['params_formula']}")
-        else:
-            res["trainable_params"] = 0
-        t = time.perf_counter()
-        hf_bs = args.pedro_hf_batch_size if v["method"] == "pedro" else args.hf_batch_size
-        ids = hf_generate(model_dir, v["method"], r["adapter"] if v["trained"] else None, r["pids"],
-                          spec.max_new_tokens, hf_bs, args.dtype)
-        texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-        res["hf_token_ids"] = ids
-        res["scores_hf"] = tasks.score(r["task"], texts, r["test"])
-        res["eval_hf_s"] = time.perf_counter() - t
-        res["predictions_hf"] = texts[:args.keep_predictions]
-        needs_vllm = v["method"] in ("pedro", "base") and not args.no_vllm
-        if not needs_vllm:
-            res["complete"] = True
-            if v["method"] in ("pedro", "base"):
-                res["scores_vllm"], res["vllm_skipped"] = None, "--no-vllm"
-        write_json(r["json"], res)
-        log(f"eval hf {r['task']} {v['variant']} seed {r['seed']}: {res['scores_hf']}")
+            fingerprint["train"] = {"steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                                    "max_len": args.max_len, "lr": lr, "eval_steps": args.eval_steps}
+        name = f"dev-lr{lr:g}" if phase == "dev" else tag
+        adapter = os.path.join(work, "adapters", spec.slug, v["variant"], f"lr{lr:g}" if lr else "-", tag)
+        return {"task": task_name, "spec": spec, "meta": meta, "test": records, "phase": phase, "lr": lr,
+                "pids": prompt_token_ids(tokenizer, [r["prompt"] for r in records]), "variant": v, "seed": seed,
+                "fingerprint": {**fingerprint, "phase": phase}, "adapter_fingerprint": fingerprint,
+                "json": os.path.join(out_dir, "runs", spec.slug, v["variant"], f"{name}.json"), "adapter": adapter}
 
-    # Phase 2: one vLLM engine (with PEDRO) decodes every PEDRO adapter's and the base's tests.
-    vllm_todo = [r for r in todo if not r["result"]["complete"]]
-    if vllm_todo:
-        max_rank = max([r["variant"].get("r", 1) for r in vllm_todo])
-        longest = max(len(p) for r in vllm_todo for p in r["pids"])
-        max_len = max(r["spec"].max_new_tokens for r in vllm_todo) + longest + 8
-        t = time.perf_counter()
-        ev = VllmEvaluator(model_dir, max_rank, max_model_len=max_len, dtype=args.dtype)
-        log(f"vLLM engine up in {time.perf_counter() - t:.1f}s")
-        try:
-            for r in vllm_todo:
-                v, spec, res = r["variant"], r["spec"], r["result"]
-                t = time.perf_counter()
-                ids = ev.generate(r["pids"], spec.max_new_tokens, eos, r["adapter"] if v["trained"] else None,
-                                  name=v["variant"])
-                texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-                res["scores_vllm"] = tasks.score(r["task"], texts, r["test"])
-                res["eval_vllm_s"] = time.perf_counter() - t
-                res["predictions_vllm"] = texts[:args.keep_predictions]
-                hf_ids = res["hf_token_ids"]
-                same = [a == b for a, b in zip(ids, hf_ids)]
-                res["vllm_hf_agreement"] = {
-                    "n": len(same), "identical": sum(same), "rate": sum(same) / max(1, len(same)),
-                    "mismatches": [{"index": i, "hf": hf_ids[i], "vllm": ids[i]}
-                                   for i, s in enumerate(same) if not s][:5]}
-                res["complete"] = True
-                write_json(r["json"], res)
-                msg = (f"eval vllm {r['task']} {v['variant']} seed {r['seed']}: {res['scores_vllm']} "
-                       f"(identical to transformers on {sum(same)}/{len(same)})")
-                log(msg if all(same) else "WARNING: vLLM and transformers disagree: " + msg)
-        finally:
-            ev.close()
+    # Phase "dev" (with --lr-grid): every trained variant at every learning rate of the one
+    # shared grid, seed --tune-seed, scored on the dev set; each keeps the best (primary
+    # metric, then dev loss). Phase "test": every variant at its rate, every seed, test set.
+    tuning = None
+    if args.lr_grid:
+        dev_runs = [plan(t, v, args.tune_seed, lr, "dev") for t in metas for v in variants if v["trained"]
+                    for lr in args.lr_grid]
+        execute(args, dev_runs, model_dir, tokenizer, eos, log_prefix="tune")
+        tuning = choose_learning_rates(dev_runs)
+        write_json(os.path.join(out_dir, "tuning.json"), tuning)
+    runs = [plan(t, v, seed, (tuning[t][v["variant"]]["chosen_lr"] if tuning else variant_lr(args, v))
+                 if v["trained"] else 0.0, "test")
+            for t in metas for v in variants for seed in (args.seeds if v["trained"] else [None])]
+    execute(args, runs, model_dir, tokenizer, eos, log_prefix="test")
 
-    summary = summarize(out_dir, [r["json"] for r in runs], variants, args, model_dir, shapes, metas)
+    summary = summarize(out_dir, [r["json"] for r in runs], variants, args, model_dir, shapes, metas, tuning)
     summary["wall_time_s"] = time.perf_counter() - t0
     write_json(os.path.join(out_dir, "summary.json"), summary)
     log(f"done in {summary['wall_time_s']:.0f}s: {os.path.join(out_dir, 'summary.md')}")
@@ -464,7 +512,7 @@ def majority_baseline(meta: dict) -> dict | None:
     return {"label": label, "accuracy": 100.0 * sum(t == label for t in test) / len(test)}
 
 
-def summarize(out_dir, json_paths, variants, args, model_dir, shapes, metas=None) -> dict:
+def summarize(out_dir, json_paths, variants, args, model_dir, shapes, metas=None, tuning=None) -> dict:
     import tasks
 
     results = []
@@ -494,11 +542,13 @@ def summarize(out_dir, json_paths, variants, args, model_dir, shapes, metas=None
             row["complete"] = all(r.get("complete") for r in rs)
             row["best_dev_loss"] = _stats([(r.get("train") or {}).get("best_dev_loss") for r in rs])
             row["train_s"] = _stats([(r.get("train") or {}).get("wall_time_s") for r in rs])
+            row["lr"] = (rs[0].get("train") or {}).get("lr")
             row["data_counts"] = rs[0]["data"]["counts"]
             rows.append(row)
     summary = {"model": model_dir, "shapes": shapes.__dict__, "tiny": args.tiny, "steps": args.steps,
+               "tune_seed": args.tune_seed,
                "batch_size": args.batch_size, "seeds": args.seeds, "lr": {**DEFAULT_LR, **args.lr},
-               "rows": rows,
+               "rows": rows, "lr_grid": args.lr_grid, "tuning": tuning,
                "majority_baseline": {t: majority_baseline(m) for t, m in (metas or {}).items()}}
     os.makedirs(out_dir, exist_ok=True)
     write_markdown(os.path.join(out_dir, "summary.md"), summary)
@@ -522,7 +572,8 @@ def write_markdown(path: str, summary: dict) -> None:
 
     lines = [f"# PEDRO vs LoRA vs IA3: quality ({'tiny synthetic smoke run' if summary['tiny'] else 'BIG-bench'})",
              "", f"Model: `{summary['model']}`; {summary['steps']} steps x batch {summary['batch_size']}; "
-             f"seeds {summary['seeds']}; lr {summary['lr']}.",
+             f"seeds {summary['seeds']}; " + ("learning rate per variant chosen on the dev set (last section)."
+                                              if summary.get("tuning") else f"lr {summary['lr']}."),
              "Scores x100, median over seeds (min-max). `hf`: transformers generation, `vllm`: the vLLM "
              "plugin (greedy). Agreement: test prompts whose vLLM tokens equal the transformers tokens.", ""]
     for task_name in dict.fromkeys(r["task"] for r in summary["rows"]):
@@ -537,9 +588,9 @@ def write_markdown(path: str, summary: dict) -> None:
                       f" Always answering the most frequent training label ({maj['label']!r}) scores "
                       f"{maj['accuracy']:.1f}." if (maj := summary.get("majority_baseline", {}).get(task_name)) else ""),
                   "",
-                  "| variant | rank | trainable params | vs LoRA | " + " | ".join(
+                  "| variant | rank | lr | trainable params | vs LoRA | " + " | ".join(
                       f"{m} hf | {m} vllm" for m in metrics) + " | PEDRO - LoRA | vLLM = HF | best dev loss | train s |",
-                  "|---|---|---|---|" + "---|---|" * len(metrics) + "---|---|---|---|"]
+                  "|---|---|---|---|---|" + "---|---|" * len(metrics) + "---|---|---|---|"]
         by_name = {r["variant"]: r for r in task_rows}
 
         def primary(row):
@@ -551,7 +602,8 @@ def write_markdown(path: str, summary: dict) -> None:
             rank = row["r"] if row["method"] == "pedro" else row["lora_r"]
             ratio = f"{row['param_ratio']:.2f}x" if row.get("param_ratio") else "-"
             ag = row.get("agreement")
-            cells = [row["variant"] + ("" if row.get("complete", True) else " (incomplete)"), str(rank or "-"), f"{row['trainable_params']:,}", ratio]
+            cells = [row["variant"] + ("" if row.get("complete", True) else " (incomplete)"), str(rank or "-"),
+                     f"{row['lr']:g}" if row.get("lr") else "-", f"{row['trainable_params']:,}", ratio]
             for m in metrics:
                 cells += [_fmt(row["metrics"][m]["hf"]), _fmt(row["metrics"][m]["vllm"])]
             matched = by_name.get(row["variant"].partition("~")[2]) if row["method"] == "pedro" else None
@@ -563,6 +615,26 @@ def write_markdown(path: str, summary: dict) -> None:
                       f"{row['train_s']['median']:.0f}" if row.get("train_s") else "-"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if summary.get("tuning"):
+        grid = [f"{x:g}" for x in summary["lr_grid"]]
+        lines += ["## Learning rates chosen on the dev set", "",
+                  f"One shared grid ({', '.join(grid)}), seed {summary.get('tune_seed', 0)}, the same steps for "
+                  "every method; each cell: dev primary metric (dev loss). **Bold**: the rate kept (best dev "
+                  "metric, ties by dev loss). The test runs above use the kept rate; nothing was chosen on test.", ""]
+        for task_name, by_variant in summary["tuning"].items():
+            lines += [f"### {task_name}", "", "| variant | " + " | ".join(f"lr {g}" for g in grid) + " |",
+                      "|---|" + "---|" * len(grid)]
+            for vname, entry in by_variant.items():
+                cells = []
+                for g in grid:
+                    e = entry["by_lr"].get(g)
+                    if e is None:
+                        cells.append("-")
+                        continue
+                    txt = f"{e[entry['metric']]:.1f} ({e['dev_loss']:.3f})"
+                    cells.append(f"**{txt}**" if e["lr"] == entry["chosen_lr"] else txt)
+                lines.append(f"| {vname} | " + " | ".join(cells) + " |")
+            lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -589,7 +661,7 @@ def plot(path: str, summary: dict) -> None:
             lo.append(s["median"] - s["min"])
             hi.append(s["max"] - s["median"])
             pts.append(s["values"])
-        colors = ["#888888" if n == "base" else "#d62728" if n.startswith("pedro") else
+        colors = ["#888888" if n == "base" else "#ff9896" if n.startswith("pedro-bl") else "#d62728" if n.startswith("pedro") else
                   "#1f77b4" if n.startswith("lora") else "#2ca02c" for n in names]
         x = range(len(names))
         ax.bar(x, med, yerr=[lo, hi], color=colors, capsize=3)
@@ -627,7 +699,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny random model + synthetic BIG-bench-format data")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     p.add_argument("--methods", nargs="+", default=["base", "lora", "pedro", "ia3"],
-                   choices=["base", "lora", "pedro", "ia3"])
+                   choices=["base", "lora", "pedro", "pedro-bilevel", "ia3"],
+                   help="pedro-bilevel: PEDRO with bi-level optimisation of its rational activations")
     p.add_argument("--lora-ranks", nargs="+", type=int, default=[4, 16])
     p.add_argument("--param-tolerance", type=float, default=0.2)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -636,6 +709,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--eval-steps", type=int, default=0, help="dev evaluation every N steps (0: at the end)")
+    p.add_argument("--lr-grid", nargs="+", type=float, default=None, metavar="LR",
+                   help="tune: train every variant at each of these learning rates (seed --tune-seed), keep "
+                        "the rate with the best dev score, then run the seeds at it on the test set")
+    p.add_argument("--tune-seed", type=int, default=0, help="the seed of the learning-rate runs")
     p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR",
                    help=f"learning rate overrides (defaults {DEFAULT_LR})")
     p.add_argument("--max-train", type=int, default=None)
