@@ -33,7 +33,7 @@ def test_version_gate():
 def test_register_entry_holds_on_installed_vllm(entry):
     lo, hi = plugin.parse_range(entry.vllm)
     assert lo <= plugin.parse_version(vllm.__version__) < hi, (entry.name, entry.vllm)
-    assert entry.kind in ("wrap", "override", "read", "write", "swap") and entry.active in ("always", "pedro")
+    assert entry.kind in ("wrap", "override", "read", "write", "swap") and entry.active in ("always", "pedro", "pedro-lora")
     assert (entry.apply is not None) == (entry.kind == "wrap"), entry.name
     assert entry.why and entry.target
     entry.check()

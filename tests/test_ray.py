@@ -474,7 +474,7 @@ def test_ray_serve_command_config_round_trip(work, capsys):
     cfg = llm_config(args)
     ek = cfg.engine_kwargs
     assert ek["worker_cls"] == "vllm_pedro.ray.worker.PedroWorker"
-    assert ek["scheduler_cls"] == "vllm_pedro.vllm.scheduler.PedroScheduler" and ek["enable_chunked_prefill"] is False
+    assert ek["scheduler_cls"] == "vllm_pedro.vllm.scheduler.PedroScheduler" and "enable_chunked_prefill" not in ek
     pedro = ek["additional_config"]["pedro"]
     assert pedro["max_adapters"] == 2 and pedro["adapter_dir"] == work["adapter_dir"]
     assert [m["name"] for m in pedro["modules"]] == ["t1"]
@@ -491,8 +491,9 @@ def test_ray_serve_config_refusals(work):
         llm_config({**base, "num_replica": 2})
     with pytest.raises(ValueError, match="PEDRO sets worker_cls"):
         llm_config({**base, "engine_kwargs": {"worker_cls": "my.Worker"}})
-    with pytest.raises(ValueError, match="chunked_prefill"):
-        llm_config({**base, "engine_kwargs": {"enable_chunked_prefill": True}})
+    # chunked prefill is the user's choice (PEDRO prompts are prefilled whole either way)
+    assert llm_config({**base, "engine_kwargs": {"enable_chunked_prefill": True}}).engine_kwargs[
+        "enable_chunked_prefill"] is True
     with pytest.raises(ValueError, match="model"):
         llm_config({"accelerator": "cpu"})
 

@@ -350,13 +350,12 @@ def test_serve_flags(tmp_path):
                               "--pedro-targets", "q,v", "--additional-config", '{"other": 1}'])
     pargs = apply_pedro_args(args, device="cpu")
     assert [(m.name, m.path, m.base_model_name) for m in pargs.modules] == [("a", "/x", None), ("b", "/y", "m")]
-    assert args.model == "m" and args.enable_chunked_prefill is False
+    assert args.model == "m" and args.enable_chunked_prefill is None  # vLLM decides (default: on)
     assert args.worker_cls.endswith("PedroCPUWorker") and args.scheduler_cls.endswith("PedroScheduler")
     assert args.additional_config["other"] == 1
     assert args.additional_config["pedro"]["max_adapters"] == 3
     assert args.additional_config["pedro"]["targets"] == ["q", "v"]
     for bad in (["m", "--pedro-modules", "a=/x"],  # without --enable-pedro
-                ["m", "--enable-pedro", "--enable-chunked-prefill"],
                 ["m", "--enable-pedro", "--pedro-modules", "no-equals-sign"],
                 ["m", "--enable-pedro", "--pedro-targets", "q", "o"],  # never silently dropped
                 ["m", "--enable-pedro", "--worker-cls", "my.Worker"],
@@ -396,7 +395,7 @@ def test_vllm_parsers_get_the_pedro_flags():
     engine_args = AsyncEngineArgs.from_cli_args(args)
     assert engine_args.additional_config["pedro"]["max_rank"] == 8
     assert engine_args.additional_config["pedro"]["modules"][0]["name"] == "a"
-    assert engine_args.enable_chunked_prefill is False and engine_args.worker_cls.endswith("PedroCPUWorker")
+    assert engine_args.enable_chunked_prefill is None and engine_args.worker_cls.endswith("PedroCPUWorker")
     assert engine_args.scheduler_cls.endswith("PedroScheduler")
     plain = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"]))
     assert "pedro" not in (plain.additional_config or {})

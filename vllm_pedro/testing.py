@@ -136,6 +136,22 @@ def build_random_adapter(model_dir: str, out_dir: str, seed: int = 0, std: float
     return build_random_adapters(model_dir, {seed: out_dir}, std, rational_std, **config)[0]
 
 
+def build_lora_adapter(model_dir: str, out_dir: str, seed: int = 0, r: int = 8,
+                       targets: tuple[str, ...] = ("q_proj", "v_proj")) -> str:
+    """A peft LoRA adapter for `model_dir` with random A and B (peft's init_lora_weights=
+    False: an adapter that visibly changes the model), saved as safetensors; for tests of
+    LoRA tenants served beside PEDRO ones."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 # -- servers -------------------------------------------------------------------------
 DEMO_TENANTS = {"tenant-a": 1, "tenant-b": 2}  # name -> seed of its random adapter
 SERVER_FLAGS = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "8"]

@@ -1,7 +1,7 @@
 """vLLM engine arguments with PEDRO for engines that Ray starts.
 
 The same arguments as `vllm_pedro.vllm.args.merge_engine_kwargs` (PEDRO's scheduler,
-chunked prefill off, the options in `additional_config["pedro"]`), except the worker:
+the options in `additional_config["pedro"]`), except the worker:
 the process that builds them (a `vllm-pedro ray-serve` driver, a `serve run` builder)
 need not run on the platform of the engine's workers, so they name the worker resolved
 in each worker process (worker.py).

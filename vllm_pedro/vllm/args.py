@@ -88,25 +88,21 @@ def pedro_enabled(vllm_config) -> bool:
 
 def engine_kwargs(args: PedroArgs, device: str) -> dict:
     """What PEDRO sets in vLLM's engine arguments: its worker and scheduler classes (public
-    options), chunked prefill off so every PEDRO prompt is prefilled in one step (its vectors
-    depend on all of it), and the options for every process."""
+    options) and the options for every process. Chunked prefill is left as the user has it
+    (vLLM's default: on): the PEDRO scheduler prefills each PEDRO prompt whole, in one step,
+    and chunks the rest as vLLM does."""
     if device not in WORKER_CLS:
         raise ValueError(f"PEDRO runs on CPU and CUDA devices, not {device!r}")
-    return {"enable_chunked_prefill": False, "worker_cls": WORKER_CLS[device], "scheduler_cls": SCHEDULER_CLS,
+    return {"worker_cls": WORKER_CLS[device], "scheduler_cls": SCHEDULER_CLS,
             "additional_config": {ADDITIONAL_CONFIG_KEY: args.to_dict()}}
 
 
 def merge_engine_kwargs(kwargs: dict, args: PedroArgs, device: str) -> dict:
     """`kwargs` (vLLM engine arguments) with PEDRO's set; refuses settings PEDRO overrides."""
     extra = engine_kwargs(args, device)
-    if kwargs.get("enable_chunked_prefill"):
-        raise ValueError("PEDRO needs every prompt prefilled in one step: enable_chunked_prefill must stay off")
     for key in ("worker_cls", "scheduler_cls"):
         if kwargs.get(key) not in (None, "auto", extra[key]):
             raise ValueError(f"PEDRO sets {key}; {key}={kwargs[key]!r} cannot be used with it")
-    if kwargs.get("enable_lora"):
-        raise ValueError("PEDRO and vLLM's LoRA cannot be enabled in one engine (PEDRO tenants ride vLLM's LoRA "
-                         "routing in the server)")
     additional = {**(kwargs.get("additional_config") or {}), **extra.pop("additional_config")}
     return {**kwargs, **extra, "additional_config": additional}
 
@@ -120,8 +116,10 @@ def add_cli_args(parser) -> None:
     d = PedroArgs()
     g = parser.add_argument_group("PEDRO", "PEDRO prompt-dependent adapters (vllm-pedro).")
     g.add_argument("--enable-pedro", action="store_true", default=False,
-                   help="Serve PEDRO adapters. Turns chunked prefill off (a PEDRO prompt is prefilled in "
-                        "one step) and uses the PEDRO scheduler and worker.")
+                   help="Serve PEDRO adapters (the PEDRO scheduler and worker). Chunked prefill stays as "
+                        "set: a PEDRO prompt is prefilled whole in one step with room for it (a longer prompt "
+                        "than --max-num-batched-tokens fails alone), every other prompt is chunked as usual. "
+                        "LoRA adapters (--enable-lora) are served beside PEDRO tenants.")
     g.add_argument("--pedro-modules", nargs="+", default=None, metavar="MODULE",
                    help="PEDRO adapters served from the start, as name=path or as JSON "
                         "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}' (like --lora-modules). "
@@ -168,6 +166,11 @@ def apply_cli_args(args: argparse.Namespace, device: str | None = None) -> Pedro
                       max_rank=args.max_pedro_rank, targets=targets,
                       modules=[PedroModule.parse(m) for m in (args.pedro_modules or [])],
                       adapter_dir=args.pedro_adapter_dir)
+    lora_names = {m.name for m in (getattr(args, "lora_modules", None) or [])}
+    clash = sorted(lora_names & {m.name for m in pargs.modules})
+    if clash:
+        raise ValueError(f"--lora-modules and --pedro-modules both name {', '.join(clash)}: LoRA and PEDRO adapters "
+                         "share one set of names (the \"model\" of a request)")
     if getattr(args, "api_server_count", None) not in (None, 1) or getattr(args, "headless", False):
         raise ValueError("PEDRO serving runs one API server process: drop --api-server-count / --headless")
     if getattr(args, "grpc", False):
@@ -175,11 +178,10 @@ def apply_cli_args(args: argparse.Namespace, device: str | None = None) -> Pedro
     if device is None:
         from vllm.platforms import current_platform
         device = current_platform.device_type
-    current = {"enable_chunked_prefill": args.enable_chunked_prefill, "worker_cls": args.worker_cls,
-               "scheduler_cls": getattr(args, "scheduler_cls", None), "enable_lora": getattr(args, "enable_lora", False),
+    current = {"worker_cls": args.worker_cls, "scheduler_cls": getattr(args, "scheduler_cls", None),
                "additional_config": args.additional_config}
     merged = merge_engine_kwargs(current, pargs, device)
-    for key in ("enable_chunked_prefill", "worker_cls", "scheduler_cls", "additional_config"):
+    for key in ("worker_cls", "scheduler_cls", "additional_config"):
         setattr(args, key, merged[key])
     args._pedro_args = pargs
     return pargs

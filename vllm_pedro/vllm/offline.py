@@ -115,6 +115,13 @@ class LLM(vllm.LLM):
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * n
         if len(params) != n:
             raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        loras = kwargs.pop("lora_request", None)  # vLLM's LoRA tenants, beside PEDRO ones
+        loras = list(loras) if isinstance(loras, (list, tuple)) else [loras] * n
+        if len(loras) != n:
+            raise ValueError(f"got {len(loras)} LoRA requests for {n} prompts")
+        both = [i for i, (lr, pr) in enumerate(zip(loras, reqs)) if lr is not None and pr is not None]
+        if both:
+            raise ValueError(f"prompt(s) {both} ask for a LoRA and a PEDRO adapter; a request takes one adapter")
         run_prompts, run_params, run_index, errors = [], [], [], {}
         for i, (p, sp, req) in enumerate(zip(prompts, params, reqs)):
             if req is not None:
@@ -130,6 +137,8 @@ class LLM(vllm.LLM):
             run_prompts.append(p)
             run_params.append(sp)
             run_index.append(i)
+        if run_prompts:
+            kwargs["lora_request"] = [loras[i] for i in run_index]
         outs = super().generate(run_prompts, run_params, *args, **kwargs) if run_prompts else []
         merged = [None] * n
         for i, o in zip(run_index, outs):

@@ -10,8 +10,9 @@ Kinds: "wrap" (a monkey-patch this module applies), "override" (a private method
 subclass overrides), "read" / "write" (private state used), "swap" (a class changed on a
 live object). Active: "pedro" entries take effect only where PEDRO is enabled (wraps are
 applied by `enable_pedro()`, called when --enable-pedro is parsed or a PEDRO server
-starts; overrides live in classes only a PEDRO engine uses); "always" entries are inert
-without --enable-pedro. A vLLM user with this package installed and PEDRO off runs stock
+starts; overrides live in classes only a PEDRO engine uses); "pedro-lora" ones only in a
+PEDRO worker with vLLM's LoRA on the CPU (`enable_pedro_lora()`); "always" entries are
+inert without --enable-pedro. A vLLM user with this package installed and PEDRO off runs stock
 vLLM: `vllm.LLM` is vLLM's class and no vLLM function is wrapped but EngineArgs' parser.
 """
 
@@ -259,6 +260,74 @@ def _check_endpoint_plugins() -> None:
     assert callable(getattr(plugins, "load_endpoint_plugins", None)), "vllm.plugins.load_endpoint_plugins is gone"
 
 
+def _apply_lora_routes_keep_tenants() -> None:
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    def build(original):
+        async def check(self, request):
+            from .serving import is_pedro, pedro_name_error
+
+            if is_pedro(self.lora_requests.get(request.lora_name)):
+                return pedro_name_error(request.lora_name)
+            return await original(self, request)
+        return check
+
+    _wrap(OpenAIServingModels, "_check_load_lora_adapter_request", build)
+    _wrap(OpenAIServingModels, "_check_unload_lora_adapter_request", build)
+
+
+def _check_lora_routes() -> None:
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    for name in ("_check_load_lora_adapter_request", "_check_unload_lora_adapter_request"):
+        fn = getattr(OpenAIServingModels, name)
+        original = getattr(fn, "__wrapped__", fn)
+        assert inspect.iscoroutinefunction(original), f"OpenAIServingModels.{name} is no coroutine"
+        _params(original, "request", where=f"OpenAIServingModels.{name}")
+    for fn in (OpenAIServingModels.load_lora_adapter, OpenAIServingModels.unload_lora_adapter):
+        _source_has(fn, "error_check_ret = await self._check_", fn.__qualname__)
+
+
+LORA_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+
+
+def _apply_lora_base_rows() -> None:
+    import vllm.lora.ops.torch_ops.lora_ops as torch_ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    def build(original):
+        def op(inputs, weights, output_tensor, lora_indices_tensor, *args, **kwargs):
+            base = lora_indices_tensor < 0
+            if base.shape[0] != output_tensor.shape[0] or not bool(base.any()):  # (a CPU tensor: no device sync)
+                return original(inputs, weights, output_tensor, lora_indices_tensor, *args, **kwargs)
+            kept = output_tensor[base].clone()
+            original(inputs, weights, output_tensor, lora_indices_tensor.clamp(min=0), *args, **kwargs)
+            output_tensor[base] = kept  # rows without a LoRA are left as they were, as the GPU kernels do
+        return op
+
+    for name in LORA_OPS:
+        _wrap(torch_ops, name, build)  # sgmv_* call these through the module
+        if getattr(punica_cpu, name) is not getattr(torch_ops, name):
+            setattr(punica_cpu, name, getattr(torch_ops, name))  # punica_cpu imported them by name
+
+
+def _check_lora_base_rows() -> None:
+    """Fails when upstream vLLM fixed the bug (PR #48421): then drop this entry."""
+    import torch
+    import vllm.lora.ops.torch_ops.lora_ops as torch_ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    for name in LORA_OPS:
+        assert hasattr(torch_ops, name) and hasattr(punica_cpu, name), f"vllm.lora.ops.torch_ops.{name} is gone"
+        fn = getattr(torch_ops, name)
+        _params(getattr(fn, "__wrapped__", fn), "inputs", "output_tensor", "lora_indices_tensor", where=name)
+    expand = getattr(torch_ops.bgmv_expand, "__wrapped__", torch_ops.bgmv_expand)
+    out = torch.zeros(2, 4)
+    expand(torch.ones(2, 3), torch.ones(1, 4, 3), out, torch.tensor([0, -1]), add_inputs=True)
+    assert out[1].abs().sum() > 0, ("vLLM's CPU LoRA op no longer applies the last LoRA slot to rows of index -1 "
+                                    "(upstream fixed PR #48421): drop the patch 'lora_cpu_base_rows'")
+
+
 # -- what PEDRO classes override, read, write or swap ---------------------------------------
 def _check_runner_hooks() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -306,6 +375,21 @@ def _check_scheduler() -> None:
         assert name in fields, f"SchedulerOutput.{name} is gone: the PEDRO scheduler and runner read it"
     assert not hasattr(SchedulerOutput, "__slots__"), "SchedulerOutput has slots: the PEDRO plan rides on it"
     assert "resumed_req_ids" in CachedRequestData.__dataclass_fields__, "CachedRequestData.resumed_req_ids is gone"
+
+
+def _check_step_budget() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from .scheduler import STEP_LOCALS
+
+    code = Scheduler.schedule.__code__
+    missing = STEP_LOCALS - set(code.co_varnames)
+    assert not missing, f"Scheduler.schedule lost the local(s) {sorted(missing)} the PEDRO scheduler reads"
+    _source_has(Scheduler.schedule, "request_token_budget = min(token_budget, input_budget - draft_slots)",
+                "Scheduler.schedule")
+    _source_has(Scheduler.schedule, "if 0 < long_prefill_token_threshold < num_new_tokens:", "Scheduler.schedule")
+    _source_has(Scheduler.schedule, "ready_to_schedule = self._handle_blocked_waiting_request(request)",
+                "Scheduler.schedule")
 
 
 def _check_serving_models() -> None:
@@ -360,6 +444,18 @@ REGISTER: list[Patch] = [
     Patch("pedro_endpoints_in_vllm_server", "vllm.plugins.load_endpoint_plugins", "wrap", "pedro",
           "vLLM loads endpoint plugins only when VLLM_PLUGINS names them; with --enable-pedro its server gets "
           "the PEDRO endpoints and tenant registry without that.", _check_endpoint_plugins, _apply_endpoint_plugins),
+    Patch("lora_routes_keep_tenants", "vllm.entrypoints.openai.models.serving.OpenAIServingModels"
+          "._check_load_lora_adapter_request/_check_unload_lora_adapter_request", "wrap", "pedro",
+          "LoRA and PEDRO tenants share vLLM's one table of adapter names: /v1/load_lora_adapter (even with "
+          "load_inplace) and /v1/unload_lora_adapter refuse a PEDRO tenant's name with a 400 that says so.",
+          _check_lora_routes, _apply_lora_routes_keep_tenants),
+    Patch("lora_cpu_base_rows", "vllm.lora.ops.torch_ops.lora_ops.bgmv_shrink/bgmv_expand/bgmv_expand_slice "
+          "(and their names in vllm.lora.punica_wrapper.punica_cpu)", "wrap", "pedro-lora",
+          "vLLM's CPU LoRA ops index the stacked LoRA weights with the token's slot, and a token without a LoRA "
+          "has slot -1, which indexes the last slot: base and PEDRO requests batched with LoRA requests get that "
+          "LoRA applied (fixed upstream by vLLM PR #48421). Rows of slot -1 are left untouched, as vLLM's GPU "
+          "kernels do. Applied in the PEDRO worker when LoRA is enabled on the CPU; the check fails once upstream "
+          "is fixed.", _check_lora_base_rows, _apply_lora_base_rows),
     Patch("runner_hooks", "vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states/_prepare_inputs"
           "/_model_forward/load_model", "override", "pedro", "PedroRunnerMixin (runner.py) follows the runner's "
           "steps like vLLM's own LoRA mixin does: slots freed, the plan applied, the token -> slot map built.",
@@ -376,6 +472,12 @@ REGISTER: list[Patch] = [
           "pedro", "The PEDRO scheduler (scheduler_cls; vLLM calls its interface not public): adapters loaded "
           "while requests wait, distinct adapters per step bounded by the device rows, the PedroStepPlan "
           "attached to the scheduler output, failed requests finished alone.", _check_scheduler),
+    Patch("scheduler_step_budget", "vllm.v1.core.sched.scheduler.Scheduler.schedule (locals token_budget, "
+          "input_budget, draft_slots, long_prefill_token_threshold)", "read", "pedro",
+          "A PEDRO prompt is prefilled whole, so the PEDRO scheduler admits it only when the step has room for "
+          "all of it; vLLM keeps that room in schedule()'s locals, which the waiting-request hook reads from "
+          "schedule's frame (scheduler.step_room). Chunked prefill stays on for every other request.",
+          _check_step_budget),
     Patch("serving_models_registry", "vllm.entrypoints.openai.models.serving.OpenAIServingModels.lora_requests",
           "write", "pedro", "Tenants are PedroLoRARequests in vLLM's LoRA registry, so vLLM's routing, 404s and "
           "/v1/models serve them.", _check_serving_models),
@@ -398,6 +500,11 @@ def enable_pedro() -> None:
     """This process serves PEDRO: apply the front-end wraps (idempotent)."""
     _apply("always")
     _apply("pedro")
+
+
+def enable_pedro_lora() -> None:
+    """This worker serves LoRA beside PEDRO on the CPU: fix the LoRA ops' base rows."""
+    _apply("pedro-lora")
 
 
 def _apply(active: str) -> None:

@@ -97,8 +97,8 @@ class StepMap:
         lens = np.array([plen for _, plen in plan.prefills.values()], dtype=np.int64)
         short = num_sched[idx] < lens
         if short.any():
-            raise RuntimeError(f"PEDRO: {int(short.sum())} prompt(s) were not scheduled whole in one step; PEDRO "
-                               "needs every prompt in one prefill (chunked prefill must stay off)")
+            raise RuntimeError(f"PEDRO: {int(short.sum())} prompt(s) were not scheduled whole in one step; the PEDRO "
+                               "scheduler admits a PEDRO prompt only with room for all of it (scheduler.step_room)")
         slots = np.array([self.slots.owner[r] for r in plan.prefills], dtype=np.int64)
         seg = np.repeat(np.arange(len(lens)), lens)
         offsets = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
@@ -116,6 +116,8 @@ class PedroRuntime:
         if len(layers) != self.base.num_layers:
             raise RuntimeError(f"found {len(layers)} decoder layers, config says {self.base.num_layers}")
         qkv = layers[0].self_attn.qkv_proj.base_layer
+        while hasattr(qkv, "base_layer"):  # vLLM's LoRA layers wrap the linear they adapt
+            qkv = qkv.base_layer
         self.layout = ShardLayout(targets=args.targets, base=self.base, tp_rank=get_tensor_model_parallel_rank(),
                                   tp_size=get_tensor_model_parallel_world_size(),
                                   num_kv_heads_total=qkv.total_num_kv_heads, head_size=qkv.head_size)
@@ -168,6 +170,10 @@ class PedroRunnerMixin:
     pedro: PedroRuntime | None = None
 
     def load_model(self, *args, **kwargs):
+        if self.lora_config is not None and self.device.type == "cpu":
+            from .patches import enable_pedro_lora
+
+            enable_pedro_lora()  # base and PEDRO tokens in a LoRA batch stay exact (patches.REGISTER)
         super().load_model(*args, **kwargs)
         self.pedro = PedroRuntime(self, PedroArgs.from_vllm_config(self.vllm_config))
 

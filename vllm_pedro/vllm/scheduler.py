@@ -11,6 +11,13 @@ the lifetimes of PEDRO adapters, in the engine core.
   recently used out) and hands the worker a `PedroStepPlan` on the scheduler output: the
   rows of the step's prefills and the validated weights of rows to (re)fill. The worker
   reads no file and decides nothing.
+* A PEDRO prompt is prefilled whole, in one step (its vectors come from all of it), while
+  vLLM's chunked prefill stays on for everything else: a PEDRO prompt is admitted only in a
+  step with room left for all of it, and otherwise waits while the requests behind it go
+  ahead. So that it cannot starve, a PEDRO prompt passed over RESERVE_AFTER steps in a row
+  holds the queue as vLLM's first-come-first-served order would: nothing behind it is
+  admitted until it fits (running requests keep going and drain the room it needs). A
+  PEDRO prompt longer than any step can hold fails alone, naming both numbers.
 * A request whose adapter cannot be served fails alone: finish reason "error", the reason
   (naming the adapter) as its stop_reason; the engine goes on.
 """
@@ -18,6 +25,7 @@ the lifetimes of PEDRO adapters, in the engine core.
 from __future__ import annotations
 
 import logging
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -32,6 +40,23 @@ from .request import ERROR_PREFIX, PedroRequest, pedro_request_of
 from .store import AdapterWeights, HostAdapterStore, State, default_capacity
 
 logger = logging.getLogger("vllm_pedro")
+RESERVE_AFTER = 8  # steps a PEDRO prompt lets later requests pass before it holds the queue
+STEP_LOCALS = {"token_budget", "input_budget", "draft_slots", "long_prefill_token_threshold"}
+
+
+def step_room() -> int:
+    """The tokens the step being scheduled can still give the waiting request vLLM is
+    looking at: Scheduler.schedule's own `min(token_budget, input_budget - draft_slots)`,
+    capped by its long-prefill threshold, read from its frame (patches.REGISTER
+    "scheduler_step_budget"; the hook that calls this is called from schedule itself)."""
+    frame = sys._getframe(2)  # step_room <- _handle_blocked_waiting_request <- Scheduler.schedule
+    local = frame.f_locals
+    if frame.f_code.co_name != "schedule" or not STEP_LOCALS <= local.keys():
+        raise RuntimeError(f"PEDRO: the waiting-request hook was called from {frame.f_code.co_name}, not from "
+                           "Scheduler.schedule with its step budget (see patches.REGISTER)")
+    room = min(local["token_budget"], local["input_budget"] - local["draft_slots"])
+    threshold = local["long_prefill_token_threshold"]
+    return min(room, threshold) if threshold > 0 else room
 
 
 @dataclass
@@ -90,7 +115,14 @@ class PedroSchedulerMixin:
         self._pedro_pinned: set[str] = set()  # requests whose adapter is pinned until their prefill
         self._pedro_failed: dict[str, str] = {}  # req_id -> message, finished at the next output
         self._pedro_step_keys: set[str] = set()
+        self._pedro_passed_over: dict[str, int] = {}  # req_id -> steps in a row it waited for room
+        self._pedro_holding: str | None = None  # the PEDRO request holding this step's queue
         self.pedro_max_rows_in_step = 0  # the most device rows one step's prefills used (tests read it)
+        sc = self.vllm_config.scheduler_config
+        threshold = sc.long_prefill_token_threshold if sc.enable_chunked_prefill else 0
+        # The most prompt tokens one step can prefill for a PEDRO request.
+        self.pedro_max_prompt = min(self.max_num_scheduled_tokens, sc.max_num_batched_tokens,
+                                    *([threshold] if threshold > 0 else []))
         logger.info("PEDRO: host adapter store of %d adapters%s, %d device rows", capacity,
                     " (pinned memory)" if pin else "", self.pedro_args.max_adapters)
 
@@ -103,7 +135,14 @@ class PedroSchedulerMixin:
             self._pedro_failed[request.request_id] = f"{ERROR_PREFIX}: {e}"
         if ref is not None:
             self.pedro_requests[request.request_id] = ref
-            self._want(request.request_id, ref)  # the read starts now, while the request waits
+            if request.num_prompt_tokens > self.pedro_max_prompt:
+                self._pedro_failed[request.request_id] = (
+                    f"{ERROR_PREFIX} {ref.name!r}: the prompt has {request.num_prompt_tokens} tokens, more than one "
+                    f"step can prefill ({self.pedro_max_prompt} tokens: max_num_batched_tokens"
+                    f"{', long_prefill_token_threshold' if self.pedro_max_prompt < self.max_num_scheduled_tokens else ''}"
+                    f"); a PEDRO prompt is prefilled in one step. Shorten the prompt or raise --max-num-batched-tokens")
+            else:
+                self._want(request.request_id, ref)  # the read starts now, while the request waits
         super().add_request(request)
 
     def finish_requests(self, request_ids, finished_status):
@@ -124,6 +163,7 @@ class PedroSchedulerMixin:
             self.pedro_store.release(self.pedro_requests[req_id])
 
     def _forget(self, req_id: str) -> None:
+        self._pedro_passed_over.pop(req_id, None)
         if req_id in self.pedro_requests:
             self._unpin(req_id)
             del self.pedro_requests[req_id]
@@ -137,6 +177,8 @@ class PedroSchedulerMixin:
         req_id = request.request_id
         if req_id in self._pedro_failed:
             return False
+        if self._pedro_holding is not None:
+            return False  # behind a PEDRO prompt that waited long enough for room
         ref = self.pedro_requests.get(req_id)
         if ref is None:
             return True
@@ -149,10 +191,19 @@ class PedroSchedulerMixin:
         key = ref.digest
         if key not in self._pedro_step_keys and len(self._pedro_step_keys) >= self.pedro_rows.num_rows:
             return False  # the step's device rows are taken: prefill in a later step
+        # The whole prompt in this step (a recomputed one too: PEDRO requests never read
+        # cached KV, so num_computed_tokens is 0), or not at all.
+        if request.num_prompt_tokens - request.num_computed_tokens > step_room():
+            waited = self._pedro_passed_over[req_id] = self._pedro_passed_over.get(req_id, 0) + 1
+            if waited >= RESERVE_AFTER:
+                self._pedro_holding = req_id
+            return False
+        self._pedro_passed_over.pop(req_id, None)
         self._pedro_step_keys.add(key)
         return True
 
     def schedule(self, *args, **kwargs):
+        self._pedro_holding = None
         self._pedro_step_keys = set()
         out = super().schedule(*args, **kwargs)
         out.pedro = self._plan(out)

@@ -87,6 +87,12 @@ def _error(message: str, err_type: str = "BadRequestError", status: HTTPStatus =
     return create_error_response(message=message, err_type=err_type, status_code=status, param=param)
 
 
+def pedro_name_error(name: str):
+    """The LoRA routes' answer for a PEDRO tenant's name (patches.REGISTER)."""
+    return _error(f"The name '{name}' is a loaded PEDRO adapter's; LoRA and PEDRO adapters share one set of names. "
+                  "Unload it with /v1/unload_pedro_adapter first.", "InvalidUserInput")
+
+
 class PedroAdapterRegistry:
     """The server's PEDRO tenants: names in vLLM's serving models, validated files."""
 
@@ -201,6 +207,9 @@ class PedroAdapterRegistry:
             return _error("'pedro_name' needs to be provided to unload a PEDRO adapter.", "InvalidUserInput")
         async with self._lock:
             lora = self.models.lora_requests.get(name)
+            if lora is not None and not is_pedro(lora):
+                return _error(f"The name '{name}' is a loaded LoRA adapter's; unload it with /v1/unload_lora_adapter.",
+                              "InvalidUserInput", param="pedro_name")
             if not is_pedro(lora):
                 return _error(f"The PEDRO adapter '{name}' cannot be found.", "NotFoundError",
                               HTTPStatus.NOT_FOUND, param="pedro_name")
