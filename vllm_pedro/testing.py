@@ -1,5 +1,5 @@
 """What tests, the tiny demo and the CPU benchmarks build on: tiny random-weight models
-(a Llama or Qwen2 config from transformers and a byte-level BPE tokenizer trained in a
+(a config of each supported family from transformers and a byte-level BPE tokenizer trained in a
 second on embedded text; nothing is downloaded), random PEDRO adapters, and helpers that
 start, wait for and stop a `vllm-pedro serve` process."""
 
@@ -47,35 +47,70 @@ def build_tokenizer(directory: str, vocab_size: int = 512):
     return fast
 
 
+# arch -> (transformers config class, what it needs beyond the common fields). A config
+# that declares head_dim gets it explicitly (its default is not hidden / heads).
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": None}),
+    # vLLM's Gemma 2 always ties the LM head to the embeddings. A short sliding window, so the
+    # local layers' window is exercised within the tests' prompts and outputs.
+    "gemma2": ("Gemma2Config", {"head_dim": None, "tie_word_embeddings": True, "query_pre_attn_scalar": 32,
+                                "sliding_window": 16}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": None, "tie_word_embeddings": True, "query_pre_attn_scalar": 32,
+                                    "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 2.0, "attention_multiplier": 1 / 32,
+                                  "residual_multiplier": 0.5, "logits_scaling": 2.0}),
+    "olmo2": ("Olmo2Config", {}),
+    "phi3": ("Phi3Config", {}),
+    "glm4": ("Glm4Config", {"head_dim": None}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": None, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 96, "norm_topk_prob": True}),
+}
+
+
+# Gemma's sandwich norms multiply each sublayer's output by (1 + w), w = 0 at init, and its
+# tied embeddings are scaled by sqrt(d): a tiny random Gemma would mostly echo its last input
+# token, whatever an adapter does. Post-norm weights around this value let the layers decide.
+POST_NORM_WEIGHT = {"gemma2": 6.0, "gemma3": 6.0}
+
+
 def build_tiny_model(directory: str, arch: str = "llama", seed: int = 0, hidden_size: int = 128,
                      num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                      intermediate_size: int = 192, max_position_embeddings: int = 512) -> str:
-    """Write a random-weight float32 model and its tokenizer to `directory` (idempotent).
-    head_dim = hidden_size / num_heads must be one vLLM's CPU attention supports (32, 64, ...)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    """Write a random-weight float32 model of family `arch` (TINY_ARCHS) and its tokenizer to
+    `directory` (idempotent). head_dim = hidden_size / num_heads must be one vLLM's CPU
+    attention supports (32, 64, ...)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
 
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
     if os.path.isfile(os.path.join(directory, "config.json")):
         return directory
     os.makedirs(directory, exist_ok=True)
     tokenizer = build_tokenizer(directory)
-    common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+    config_cls, extra = TINY_ARCHS[arch]
+    fields = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                   intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="float32",
                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "qwen2":
-        config = Qwen2Config(**common)
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose llama or qwen2")
+    fields.update(extra)
+    if "head_dim" in fields:
+        fields["head_dim"] = hidden_size // num_heads
+    config = getattr(transformers, config_cls)(**fields)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init, so logits are far from ties
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:  # matrices, and the experts' stacked matrices of an MoE model
                 p.normal_(0, 0.1)
+            elif arch in POST_NORM_WEIGHT and ".post_" in name:
+                p.normal_(POST_NORM_WEIGHT[arch], 0.3)
     model.save_pretrained(directory)
     _write_rope_theta_top_level(directory)
     return directory

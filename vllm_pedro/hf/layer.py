@@ -1,10 +1,13 @@
 """How PEDRO meets one transformers decoder layer.
 
-A pre-hook on the attention block reads H_l (the normed layer input that q/k/v read)
-and, when a prompt is being encoded, runs the layer's generator on the prompt tokens.
-Forward hooks on q/k/v/up multiply each projection's output by its slice of the
-vectors. The base modules stay as they are: state_dict names do not change and
-detaching the adapter is removing the hooks.
+A pre-hook on the attention block reads H_l (its input: what q/k/v read, the normed layer
+input in most families, the residual stream in OLMo 2) and, when a prompt is being
+encoded, runs the layer's generator on the prompt tokens. A forward hook on each linear
+that holds a target multiplies the target's columns of its output by the target's slice
+of the vectors: the whole output of a separate q/k/v/up projection, column ranges of a
+fused qkv_proj or gate_up_proj (the rest times 1). The output is scaled as the linear
+returns it, before any q/k norm or rotary embedding. The base modules stay as they are:
+state_dict names do not change and detaching the adapter is removing the hooks.
 """
 
 from __future__ import annotations
@@ -37,14 +40,20 @@ def find_attention_input(args, kwargs) -> torch.Tensor:
 
 
 class PedroLayerHooks:
-    """Installs and removes the hooks of layer `index`."""
+    """Installs and removes the hooks of layer `index`. `projections`: target -> (the linear
+    whose output holds it, its first column there); `columns`: target -> (first column,
+    width) in the generator's output row."""
 
-    def __init__(self, index: int, attn: nn.Module, projections: dict[str, nn.Module],
+    def __init__(self, index: int, attn: nn.Module, projections: dict[str, tuple[nn.Module, int]],
                  generator: VectorGenerator, columns: dict[str, tuple[int, int]], state: PedroState):
         self.index, self.generator, self.state = index, generator, state
         self.handles = [attn.register_forward_pre_hook(self._compute_vectors, with_kwargs=True)]
+        pieces: dict[nn.Module, list[tuple[int, int, int]]] = {}  # linear -> [(out column, vector column, width)]
         for target, (start, width) in columns.items():
-            self.handles.append(projections[target].register_forward_hook(self._scaler(start, width)))
+            module, offset = projections[target]
+            pieces.setdefault(module, []).append((offset, start, width))
+        for module, spans in pieces.items():
+            self.handles.append(module.register_forward_hook(self._scaler(sorted(spans), module.out_features)))
 
     def _compute_vectors(self, module, args, kwargs):
         mask = self.state.prompt_mask
@@ -61,7 +70,24 @@ class PedroLayerHooks:
         self.state.vectors[self.index] = self.generator(hs[mask], seg, hs.shape[0])
         return None
 
-    def _scaler(self, start: int, width: int):
+    def _scaler(self, spans: list[tuple[int, int, int]], out_width: int):
+        """The hook scaling a linear's output [B, T, out_width] by the vector columns of
+        `spans` (out column, vector column, width), sorted; columns no span covers keep x1."""
+        whole = spans[0][1] if len(spans) == 1 and spans[0][0] == 0 and spans[0][2] == out_width else None
+
+        def factor(vec: torch.Tensor) -> torch.Tensor:
+            if whole is not None:  # a separate projection: one slice, no copy
+                return vec[:, whole:whole + out_width]
+            parts, at = [], 0
+            for out_col, col, width in spans:
+                if out_col > at:
+                    parts.append(vec.new_ones(vec.shape[0], out_col - at))
+                parts.append(vec[:, col:col + width])
+                at = out_col + width
+            if at < out_width:
+                parts.append(vec.new_ones(vec.shape[0], out_width - at))
+            return torch.cat(parts, dim=1)
+
         def hook(module, args, out):
             if not self.state.enabled:
                 return None
@@ -70,7 +96,7 @@ class PedroLayerHooks:
                 raise RuntimeError("PEDRO vectors were not computed: run a forward pass over the "
                                    "prompt (prompt_mask / prompt_lengths) before decoding")
             # fp32 product stored in the activation dtype: the same rule as vllm_pedro.ops.
-            return (out.float() * vec[:, None, start:start + width]).to(out.dtype)
+            return (out.float() * factor(vec)[:, None, :]).to(out.dtype)
         return hook
 
     def remove(self) -> None:

@@ -12,25 +12,55 @@ from torch import nn
 
 from ..adapter_io import check_base_shapes, load_adapter, save_adapter, validate_tensors
 from ..config import BaseShapes, PedroConfig
+from ..families import ATTENTION_TARGETS, architecture_of_model, check_targets, family_of
 from ..generator import VectorGenerator
 from ..hub import resolve_adapter
 from .layer import PedroLayerHooks, PedroState
 
 
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a Llama-family or Qwen2 model, found by module structure:
-    layers whose attention has q/k/v_proj and whose MLP has gate/up/down_proj."""
+    """The decoder layers (`model.layers[i]` with `self_attn` and `mlp`) of a model whose
+    family PEDRO supports (families.py); any other class is refused by name."""
+    family_of(architecture_of_model(model))
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     ok = isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(
-        all(hasattr(getattr(l, "self_attn", None), p) for p in ("q_proj", "k_proj", "v_proj"))
-        and all(hasattr(getattr(l, "mlp", None), p) for p in ("gate_proj", "up_proj", "down_proj"))
-        for l in layers)
+        hasattr(l, "self_attn") and hasattr(l, "mlp") for l in layers)
     if not ok:
-        raise TypeError(
-            f"PEDRO supports Llama-family and Qwen2 decoder models (model.layers[i].self_attn."
-            f"q/k/v_proj and .mlp.gate/up/down_proj); {type(model).__name__} does not have that structure")
+        raise TypeError(f"PEDRO found no decoder layers (model.layers[i].self_attn and .mlp) in "
+                        f"{type(model).__name__}")
     return list(layers)
+
+
+def find_projections(layer: nn.Module, shapes: BaseShapes, with_up: bool) -> dict[str, tuple[nn.Linear, int]]:
+    """target -> (the linear whose output holds it, its first column there). q/k/v: separate
+    q_proj/k_proj/v_proj, or one fused qkv_proj laid out [q | k | v] (Phi-3). up: a separate
+    up_proj, or the second half of a fused gate_up_proj [gate | up] (Phi-3, GLM-4); a
+    mixture-of-experts block has none (with_up False)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q, kv, ff = shapes.q_size, shapes.kv_size, shapes.ff_size
+    linear = lambda owner, name: isinstance(getattr(owner, name, None), nn.Linear)  # noqa: E731
+    if all(linear(attn, f"{t}_proj") for t in ATTENTION_TARGETS):
+        found = {t: (getattr(attn, f"{t}_proj"), 0) for t in ATTENTION_TARGETS}
+        widths = {"q": q, "k": kv, "v": kv}
+    elif linear(attn, "qkv_proj"):
+        found = {"q": (attn.qkv_proj, 0), "k": (attn.qkv_proj, q), "v": (attn.qkv_proj, q + kv)}
+        widths = {"q": q + 2 * kv}
+    else:
+        raise TypeError(f"PEDRO found neither q_proj/k_proj/v_proj nor qkv_proj linears in {type(attn).__name__}")
+    if with_up:
+        if linear(mlp, "up_proj"):
+            found["up"], widths["up"] = (mlp.up_proj, 0), ff
+        elif linear(mlp, "gate_up_proj"):
+            found["up"], widths["up"] = (mlp.gate_up_proj, ff), 2 * ff
+        else:
+            raise TypeError(f"PEDRO found neither up_proj nor gate_up_proj linears in {type(mlp).__name__}")
+    for t, want in widths.items():  # a misread config would scale the wrong columns: refuse it
+        m = found[t][0]
+        if m.out_features != want:
+            raise TypeError(f"{type(layer).__name__}: the linear holding target {t} has {m.out_features} outputs, "
+                            f"but the config's shapes ({shapes}) give {want}")
+    return found
 
 
 def base_shapes_of(model: nn.Module) -> BaseShapes:
@@ -52,6 +82,7 @@ class PedroModel(nn.Module):
         super().__init__()
         config = copy.deepcopy(config)
         shapes = base_shapes_of(model)
+        family = check_targets(architecture_of_model(model), config.targets)
         if config.base_shapes is None:
             config.base_shapes = shapes
         check_base_shapes(config, shapes, type(model).__name__)
@@ -70,9 +101,9 @@ class PedroModel(nn.Module):
         columns = config.target_columns()
         self._hooks = []
         for i, layer in enumerate(find_decoder_layers(model)):
-            attn, mlp = layer.self_attn, layer.mlp
-            projections = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "up": mlp.up_proj}
-            self._hooks.append(PedroLayerHooks(i, attn, projections, self.generators[i], columns, self.state))
+            projections = find_projections(layer, shapes, with_up=not family.moe)
+            self._hooks.append(PedroLayerHooks(i, layer.self_attn, projections, self.generators[i], columns,
+                                               self.state))
         # Vectors are computed in the pass that sees the prompt; clear the request after it.
         self._hooks.append(model.register_forward_hook(self._end_of_pass))
 

@@ -1,13 +1,17 @@
-"""Where q/v/up meet PEDRO inside vLLM's own Llama / Qwen2 modules.
+"""Where q/k/v/up meet PEDRO inside vLLM's models (the families of families.py).
 
-Each decoder layer's `qkv_proj` is wrapped: after the projection, one custom op
+Each decoder layer's `qkv_proj` (vLLM's fused QKVParallelLinear, in its own models and in
+its Transformers backend alike) is wrapped: after the projection, one custom op
 (`torch.ops.vllm.pedro_prefill`) runs, at prefill only, the generators of the step's
 prefilling requests and writes their vectors into the slots; then the fused qkv output
 is multiplied by its slot row's [q | k | v] block, every token (base tokens by the row
 of ones). The FFN's up
 scaling is fused into the activation: the layer's `act_fn` (SiluAndMul) becomes
-silu(gate) * (up * l_u) in one op. An MLP with another activation keeps it and gets the
-up scaling on its `gate_up_proj` output instead.
+silu(gate) * (up * l_u) in one op. An MLP with another activation (Gemma's GeluAndMul)
+keeps it and gets the up scaling on its `gate_up_proj` output instead. A mixture-of-experts
+family keeps its FFN: attention targets only. The scaling is applied to the projection's
+output, before any q/k norm (Qwen3, Gemma 3, OLMo 2) and before rotary, as in the
+transformers reference.
 
 How each wrapper runs depends on the runtime's `mode` (`scaling_mode`):
   "eager"  (enforce_eager): plain Python calls, no custom-op dispatch; the generator runs
@@ -103,8 +107,9 @@ def register_ops() -> None:
 
 # -- the wrappers --------------------------------------------------------------------------
 class PedroQKVProj(nn.Module):
-    """Wraps QKVParallelLinear: generators at prefill, then [Q | K | V] *= the slot row's
-    [l_q | l_k | l_v] for every token (an untargeted part is ones)."""
+    """Wraps the layer's qkv projection (a QKVParallelLinear, or vLLM's LoRA layer around
+    one: the scaling then covers LoRA's delta too): generators at prefill, then
+    [Q | K | V] *= the slot row's [l_q | l_k | l_v] for every token (an untargeted part is ones)."""
 
     def __init__(self, base: nn.Module, layer: int, runtime):
         super().__init__()
@@ -113,17 +118,21 @@ class PedroQKVProj(nn.Module):
 
     def forward(self, x):
         out, bias = self.base_layer(x)
+        return self.scaled(x, out), bias
+
+    def scaled(self, x, out):
+        """x [T, d] (what q/k/v read), out [T, q + 2 kv]."""
         rt = self.rt
         if rt.mode == "eager":
             if rt.step is not None:
                 pedro_prefill(x, rt.slots.vectors, self.layer)
             rt.ops.scale_(out, rt.slots.vectors[self.layer], rt.token_slot, 0)  # the row's [q | k | v] block
-            return out, bias
+            return out
         torch.ops.vllm.pedro_prefill(x, rt.slots.vectors, self.layer)
         if rt.mode == "trace":  # out of place: a plain product torch.compile fuses into what reads qkv
-            return reference.scaled(out, rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]], 0), bias
+            return reference.scaled(out, rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]], 0)
         torch.ops.vllm.pedro_scale_qkv(out, self.layer)
-        return out, bias
+        return out
 
 
 class PedroSiluAndMul(nn.Module):
@@ -148,8 +157,9 @@ class PedroSiluAndMul(nn.Module):
 
 
 class PedroGateUpProj(nn.Module):
-    """Wraps MergedColumnParallelLinear [gate | up] of an MLP whose activation is not
-    SiluAndMul: U' = l_u * U before the model's own act(gate) * U'."""
+    """Wraps the [gate | up] projection (MergedColumnParallelLinear, or a LoRA layer around
+    one) of an MLP whose activation is not SiluAndMul: U' = l_u * U before the model's own
+    act(gate) * U'."""
 
     def __init__(self, base: nn.Module, layer: int, runtime):
         super().__init__()
@@ -157,6 +167,9 @@ class PedroGateUpProj(nn.Module):
 
     def forward(self, x):
         out, bias = self.base_layer(x)
+        return self.scaled(out), bias
+
+    def scaled(self, out):
         rt, ff = self.rt, out.shape[1] // 2
         if rt.mode == "trace":
             reference.scale_(out[:, ff:], rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]],
@@ -165,34 +178,108 @@ class PedroGateUpProj(nn.Module):
             rt.ops.scale_(out[:, ff:], rt.slots.vectors[self.layer], rt.token_slot, rt.columns["up"])
         else:
             torch.ops.vllm.pedro_scale_up(out, self.layer)
-        return out, bias
+        return out
+
+
+# vLLM's Transformers backend (OLMo 2, ...) runs the transformers modules on a batch of one,
+# [1, T, d], and builds its fused linears with return_bias=False (one tensor, no bias): these
+# variants flatten to the [T, .] the scaling takes and give back the shape. Native vLLM
+# models keep the wrappers above, with no reshaping on their path.
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, t.shape[-1])
+
+
+def _carry_split_sizes(wrapper: nn.Module, base: nn.Module) -> None:
+    # The forward the backend rewrote splits the fused output with self.<proj>.output_sizes
+    # and .tp_size (fusers/base.py local_output_sizes): the wrapper answers for the linear.
+    while not hasattr(base, "output_sizes"):  # a LoRA layer carries them too; else the linear does
+        base = base.base_layer
+    for name in ("output_sizes", "tp_size"):
+        setattr(wrapper, name, getattr(base, name))
+
+
+class PedroQKVProjBatched(PedroQKVProj):
+    def __init__(self, base: nn.Module, layer: int, runtime):
+        super().__init__(base, layer, runtime)
+        _carry_split_sizes(self, base)
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        return self.scaled(_flat(x), _flat(out)).view(out.shape)
+
+
+class PedroSiluAndMulBatched(PedroSiluAndMul):
+    def forward(self, gate_up):
+        out = super().forward(_flat(gate_up))
+        return out.view(*gate_up.shape[:-1], out.shape[-1])
+
+
+class PedroGateUpProjBatched(PedroGateUpProj):
+    def __init__(self, base: nn.Module, layer: int, runtime):
+        super().__init__(base, layer, runtime)
+        _carry_split_sizes(self, base)
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        return self.scaled(_flat(out)).view(out.shape)
+
+
+def real_linear(module: nn.Module, cls: type) -> nn.Module | None:
+    """The `cls` linear at the end of `module`'s `.base_layer` chain (vLLM's LoRA layers and
+    PEDRO's wrappers each hold what they wrap there, to any depth), or None."""
+    while not isinstance(module, cls):
+        module = getattr(module, "base_layer", None)
+        if module is None:
+            return None
+    return module
 
 
 def find_vllm_layers(model: nn.Module) -> list[nn.Module]:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    ok = layers is not None and all(
-        hasattr(getattr(l, "self_attn", None), "qkv_proj") and hasattr(getattr(l, "mlp", None), "gate_up_proj")
-        for l in layers)
-    if not ok:
-        raise TypeError(f"PEDRO serves Llama-family and Qwen2 models (model.layers[i].self_attn.qkv_proj, "
-                        f".mlp.gate_up_proj); vLLM model class {type(model).__name__} has another structure")
+    if layers is None or not all(hasattr(getattr(l, "self_attn", None), "qkv_proj") for l in layers):
+        raise TypeError(f"PEDRO found no decoder layers with a fused qkv projection (model.layers[i].self_attn."
+                        f"qkv_proj) in vLLM model class {type(model).__name__}")
     return list(layers)
 
 
-def wrap_model(model: nn.Module, runtime) -> list[nn.Module]:
-    """Wrap every decoder layer in place; returns the layers."""
+def _activation_name(mlp: nn.Module, cls: type) -> str | None:
+    """The name of `mlp`'s child of class `cls` (act_fn in vLLM's models; the transformers
+    module's own name under the Transformers backend)."""
+    return next((name for name, child in mlp.named_children() if isinstance(child, cls)), None)
+
+
+def wrap_model(model: nn.Module, runtime, with_up: bool = True) -> list[nn.Module]:
+    """Wrap every decoder layer in place; returns the layers. with_up False (a mixture-of-
+    experts family): the attention only, the FFN is left alone."""
     from vllm.model_executor.layers.activation import SiluAndMul
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 
     register_ops()
     layers = find_vllm_layers(model)
     for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         if isinstance(attn.qkv_proj, PedroQKVProj):
             continue
-        attn.qkv_proj = PedroQKVProj(attn.qkv_proj, i, runtime)
-        if isinstance(getattr(mlp, "act_fn", None), SiluAndMul):
-            mlp.act_fn = PedroSiluAndMul(i, runtime)
-        else:
-            mlp.gate_up_proj = PedroGateUpProj(mlp.gate_up_proj, i, runtime)
+        qkv = real_linear(attn.qkv_proj, QKVParallelLinear)
+        if qkv is None:
+            raise TypeError(f"PEDRO: layer {i}'s self_attn.qkv_proj is a {type(attn.qkv_proj).__name__}, not a "
+                            "QKVParallelLinear (or a LoRA layer around one)")
+        batched = not qkv.return_bias  # the Transformers backend (see PedroQKVProjBatched)
+        attn.qkv_proj = (PedroQKVProjBatched if batched else PedroQKVProj)(attn.qkv_proj, i, runtime)
+        if not with_up:
+            continue
+        mlp = getattr(layer, "mlp", None)
+        gate_up = real_linear(getattr(mlp, "gate_up_proj", None), MergedColumnParallelLinear)
+        if gate_up is None or len(gate_up.output_sizes) != 2:
+            raise TypeError(f"PEDRO: layer {i} has no fused [gate | up] projection (mlp.gate_up_proj, a "
+                            f"MergedColumnParallelLinear of two parts); found "
+                            f"{type(getattr(mlp, 'gate_up_proj', None)).__name__}")
+        if gate_up.return_bias != qkv.return_bias:
+            raise TypeError(f"PEDRO: layer {i}'s qkv_proj and gate_up_proj differ in return_bias")
+        act = _activation_name(mlp, SiluAndMul)
+        if act is not None:
+            setattr(mlp, act, (PedroSiluAndMulBatched if batched else PedroSiluAndMul)(i, runtime))
+        else:  # GeluAndMul (Gemma) and others: scale the up half of gate_up_proj's output
+            mlp.gate_up_proj = (PedroGateUpProjBatched if batched else PedroGateUpProj)(mlp.gate_up_proj, i, runtime)
     return layers

@@ -21,6 +21,7 @@ from vllm.outputs import CompletionOutput, RequestOutput
 
 from ..adapter_io import adapter_dir_entry, parse_adapter, read_adapter_files
 from ..config import AdapterError, BaseShapes
+from ..families import architecture_of_config, check_targets, early_hf_config
 from ..hub import resolve_adapter
 from .args import PedroArgs, merge_engine_kwargs
 from .request import PedroRequest, check_servable, salted_prompt, with_pedro
@@ -34,6 +35,8 @@ class AdapterValidator:
     once; the request then carries the digest of the bytes that were validated."""
 
     def __init__(self, hf_config, args: PedroArgs):
+        self.arch = architecture_of_config(hf_config)
+        check_targets(self.arch, args.targets)  # the model's family and the served targets (families.py)
         self.base = BaseShapes.from_hf_config(hf_config)
         self.args = args
         self._ok: dict[int, PedroRequest] = {}  # int_id -> the validated request (a local folder)
@@ -49,6 +52,7 @@ class AdapterValidator:
         path = resolve_adapter(req.path)  # a Hugging Face Hub id: its snapshot in the HF cache
         files = read_adapter_files(path, allowed_roots)
         config, _ = parse_adapter(files, self.base)
+        check_targets(self.arch, config.targets)  # `up` on a mixture-of-experts model, said as such
         check_servable(config, self.args)
         done = self._ok[req.int_id] = PedroRequest(req.name, req.int_id, path, files.digest)
         self._source[req.int_id] = req.path
@@ -83,6 +87,9 @@ class LLM(vllm.LLM):
                                         max_rank=max_pedro_rank, targets=tuple(pedro_targets),
                                         adapter_dir=pedro_adapter_dir)
             kwargs = merge_engine_kwargs(kwargs, self.pedro_args, current_platform.device_type)
+            hf_config = early_hf_config(model, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
+            if hf_config is not None:  # refuse an unsupported model before an engine starts (families.py)
+                check_targets(architecture_of_config(hf_config), self.pedro_args.targets)
         super().__init__(model, **kwargs)
         if enable_pedro:
             cfg = self.llm_engine.vllm_config

@@ -3,7 +3,8 @@
 `PedroRuntime` owns the vector slots and the device adapter cache of one worker.
 `PedroRunnerMixin` is mixed into vLLM's model runner (GPUModelRunner or CPUModelRunner)
 by worker.py and follows three of its steps (private hooks, listed in patches.REGISTER):
-  load_model      -> wrap the decoder layers, allocate slots and adapter rows
+  load_model      -> refuse an unsupported family (families.py), wrap the decoder layers,
+                     allocate slots and adapter rows
   _update_states  -> free the slots of finished and preempted requests; apply the
                      scheduler's PedroStepPlan (row writes, slots of new prefills)
   _prepare_inputs -> this step's token -> slot map and the prefill segments
@@ -21,9 +22,10 @@ import torch
 
 from .. import ops
 from ..config import BaseShapes
+from ..families import Family, architecture_of_config, check_targets
 from .adapters import DeviceAdapterCache
 from .args import PedroArgs
-from .layers import scaling_mode, set_runtime, wrap_model
+from .layers import real_linear, scaling_mode, set_runtime, wrap_model
 from .layout import ShardLayout
 from .slots import SlotPool
 
@@ -107,17 +109,24 @@ class StepMap:
         return PrefillStep(dev(tok), dev(seg), dev(rows), dev(slots), plan.poolers, plan.activations)
 
 
+def check_family(hf_config, args: PedroArgs) -> Family:
+    """The gate where the engine starts: a class outside families.SUPPORTED, or `up` served
+    on a mixture-of-experts model, stops it, naming what is supported."""
+    return check_targets(architecture_of_config(hf_config), args.targets)
+
+
 class PedroRuntime:
     def __init__(self, runner, args: PedroArgs):
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
+        from vllm.model_executor.layers.linear import QKVParallelLinear
+
+        family = check_family(runner.model_config.hf_config, args)
         self.base = BaseShapes.from_hf_config(runner.model_config.hf_config)
-        layers = wrap_model(runner.get_model(), self)
+        layers = wrap_model(runner.get_model(), self, with_up=not family.moe)
         if len(layers) != self.base.num_layers:
             raise RuntimeError(f"found {len(layers)} decoder layers, config says {self.base.num_layers}")
-        qkv = layers[0].self_attn.qkv_proj.base_layer
-        while hasattr(qkv, "base_layer"):  # vLLM's LoRA layers wrap the linear they adapt
-            qkv = qkv.base_layer
+        qkv = real_linear(layers[0].self_attn.qkv_proj, QKVParallelLinear)
         self.layout = ShardLayout(targets=args.targets, base=self.base, tp_rank=get_tensor_model_parallel_rank(),
                                   tp_size=get_tensor_model_parallel_world_size(),
                                   num_kv_heads_total=qkv.total_num_kv_heads, head_size=qkv.head_size)
@@ -170,12 +179,14 @@ class PedroRunnerMixin:
     pedro: PedroRuntime | None = None
 
     def load_model(self, *args, **kwargs):
+        pedro_args = PedroArgs.from_vllm_config(self.vllm_config)
+        check_family(self.model_config.hf_config, pedro_args)  # before the weights are loaded
         if self.lora_config is not None and self.device.type == "cpu":
             from .patches import enable_pedro_lora
 
             enable_pedro_lora()  # base and PEDRO tokens in a LoRA batch stay exact (patches.REGISTER)
         super().load_model(*args, **kwargs)
-        self.pedro = PedroRuntime(self, PedroArgs.from_vllm_config(self.vllm_config))
+        self.pedro = PedroRuntime(self, pedro_args)
 
     def _update_states(self, scheduler_output):
         out = super()._update_states(scheduler_output)

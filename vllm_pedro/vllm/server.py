@@ -5,8 +5,8 @@ option, config files, `--help=<group>`) plus the PEDRO group; the server is vLLM
 command. What makes it PEDRO is what --enable-pedro switches on in any vLLM server, `vllm
 serve` included: the PEDRO scheduler and worker (args.py) and, in the API server, the
 tenant registry and endpoints (serving.py) with the wraps of patches.py. Two additions
-here: the --pedro-modules are checked against the model's config before the engine
-starts (a minute on a small CPU machine), so a bad adapter fails fast; and a server whose
+here: the model's family and the --pedro-modules are checked against the model's config
+before the engine starts (a minute on a small CPU machine), so they fail fast; and a server whose
 engine died exits with code 1 (vLLM's serve command returns normally then).
 """
 
@@ -53,23 +53,18 @@ def make_serve_parser():
 
 
 def check_modules_early(args: argparse.Namespace, pargs: PedroArgs) -> None:
-    """Check the --pedro-modules against the model's config before the engine starts. The
-    server checks them again once the engine is up."""
+    """Check the model's family (families.py) and the --pedro-modules against the model's
+    config before the engine starts. The engine and the server check them again."""
     from ..config import AdapterError
+    from ..families import early_hf_config
     from .offline import AdapterValidator
     from .request import PedroRequest
 
-    if not pargs.modules:
+    hf_config = early_hf_config(args.model, getattr(args, "revision", None),
+                                bool(getattr(args, "trust_remote_code", False)))
+    if hf_config is None:
         return
-    try:
-        from transformers import AutoConfig
-
-        hf_config = AutoConfig.from_pretrained(args.model, revision=getattr(args, "revision", None),
-                                               trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
-    except Exception as e:  # noqa: BLE001  (the engine reads the config its own way)
-        logger.debug("PEDRO: no early adapter check (%s)", e)
-        return
-    validator = AdapterValidator(hf_config, pargs)
+    validator = AdapterValidator(hf_config, pargs)  # refuses an unsupported family or served target
     for i, m in enumerate(pargs.modules, 1):
         try:
             validator.check(PedroRequest(m.name, i, m.path))
