@@ -12,6 +12,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-proces
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import argparse
+import contextlib
 import gc
 
 import pytest
@@ -24,8 +25,11 @@ from vllm_pedro.adapter_io import expected_tensor_shapes, save_adapter
 from vllm_pedro.config import BaseShapes
 from vllm_pedro.families import SUPPORTED, UnsupportedModelError, UnsupportedTargetError, family_of
 from vllm_pedro.hf.model import base_shapes_of, find_decoder_layers, find_projections
-from vllm_pedro.testing import TINY_ARCHS, build_random_adapter, build_tiny_model, build_tokenizer
+from vllm_pedro.testing import TINY_ARCHS, build_random_adapter, build_tiny_model, build_tokenizer, load_model
 
+# vLLM's CPU worker replaces torch.set_num_threads with a no-op once it has bound its threads
+# (in-process engines here): keep the real one.
+_set_num_threads = torch.set_num_threads
 MAX_TOKENS = 12
 PROMPTS = ["The quick brown fox jumps over the lazy dog and then",
            "name: Alpha, food: Italian, area: riverside, price: cheap. name:",
@@ -52,6 +56,18 @@ def targets_of(arch: str) -> tuple[str, ...]:
     return ("q", "k", "v") if is_moe(arch) else ("q", "v", "up")
 
 
+@contextlib.contextmanager
+def one_thread():
+    """For the transformers side's work: tiny models run far faster on one thread, most of all
+    on a shared, busy machine (20 s -> 1 s for one family's references, load average 10)."""
+    n = torch.get_num_threads()
+    _set_num_threads(1)
+    try:
+        yield
+    finally:
+        _set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """arch -> its tiny model folder, built on first use."""
@@ -60,7 +76,8 @@ def tiny(tmp_path_factory):
     def get(arch: str) -> str:
         if arch not in built:
             seed = sorted(TINY_ARCHS).index(arch)
-            built[arch] = build_tiny_model(str(tmp_path_factory.mktemp(f"tiny-{arch}")), arch=arch, seed=seed)
+            with one_thread():
+                built[arch] = build_tiny_model(str(tmp_path_factory.mktemp(f"tiny-{arch}")), arch=arch, seed=seed)
         return built[arch]
     return get
 
@@ -128,10 +145,15 @@ def test_moe_expert_up_is_refused_at_adapter_creation_and_loading(arch, tiny, tm
 
 
 # -- vLLM side ------------------------------------------------------------------------------------
+def load_hf(model_dir: str):
+    model = load_model(model_dir)  # also after vLLM's Transformers backend served the family here
+    model.generation_config.eos_token_id = None  # like vLLM's ignore_eos
+    return model
+
+
 def reference(model_dir: str, adapter_path: str | None) -> list[list[int]]:
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.generation_config.eos_token_id = None  # like vLLM's ignore_eos
+    model = load_hf(model_dir)
     gen = PedroModel.from_pretrained(model, adapter_path) if adapter_path else model
     outs = []
     for p in PROMPTS:
@@ -176,11 +198,13 @@ def test_family_matches_transformers(arch, tiny, tmp_path):
 
     model_dir = tiny(arch)
     family = SUPPORTED[architecture(arch)]
-    tenants = [PedroRequest(f"t{i}", i + 1, build_random_adapter(model_dir, str(tmp_path / f"a{i}"), seed=20 + i,
-                                                                  targets=targets_of(arch), **kind))
-               for i, kind in enumerate(ADAPTERS)]
-    base = reference(model_dir, None)
-    refs = {None: base, **{t.path: reference(model_dir, t.path) for t in tenants}}
+    with one_thread():
+        tenants = [PedroRequest(f"t{i}", i + 1, build_random_adapter(model_dir, str(tmp_path / f"a{i}"),
+                                                                      seed=20 + i, targets=targets_of(arch), **kind))
+                   for i, kind in enumerate(ADAPTERS)]
+        base = reference(model_dir, None)
+        refs = {None: base, **{t.path: reference(model_dir, t.path) for t in tenants}}
+        bad = up_adapter_for(model_dir, str(tmp_path / "up")) if family.moe else None
     # The adapters change outputs (else parity would be vacuous).
     assert all(sum(a != b for a, b in zip(refs[t.path], base)) >= len(PROMPTS) - 1 for t in tenants), refs
 
@@ -200,7 +224,7 @@ def test_family_matches_transformers(arch, tiny, tmp_path):
     assert layers == [(f"PedroQKVProj{backend}", mlp)] * 2
 
     if family.moe:  # an adapter with the expert up target fails alone, said as such
-        bad = PedroRequest("up", 9, up_adapter_for(model_dir, str(tmp_path / "up")))
+        bad = PedroRequest("up", 9, bad)
         outs = llm.generate(PROMPTS[:2], SamplingParams(max_tokens=2, temperature=0), pedro_request=[bad, None],
                             use_tqdm=False)
         assert outs[0].outputs[0].finish_reason == "error"
@@ -281,3 +305,52 @@ def test_family_of_names_the_class():
     assert family_of("Qwen3MoeForCausalLM").moe and not family_of("Phi3ForCausalLM").moe
     with pytest.raises(UnsupportedModelError, match="StableLmForCausalLM"):
         family_of("StableLmForCausalLM")
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "gemma2"])
+def test_lora_and_pedro_tenants_on_other_families(arch, tiny, tmp_path):
+    """vLLM's LoRA layers wrap qkv_proj and gate_up_proj before PEDRO does: PEDRO wraps the
+    outermost module and finds the real linear under any `.base_layer` chain, on the
+    Transformers backend (OLMo 2) and on a GeluAndMul MLP (Gemma 2) alike."""
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from vllm_pedro.testing import build_lora_adapter
+    from vllm_pedro.vllm import PedroRequest
+
+    from peft import PeftModel
+
+    model_dir = tiny(arch)
+    prompts = PROMPTS[:3]
+    with one_thread():
+        lora = LoRARequest("lora", 1, build_lora_adapter(model_dir, str(tmp_path / "lora"), seed=3,
+                                                          targets=("q_proj", "v_proj", "up_proj")))
+        pedro = PedroRequest("pedro", 1, build_random_adapter(model_dir, str(tmp_path / "pedro"), seed=4, r=4))
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ids = tok(prompts[0], return_tensors="pt")
+        lora_out = PeftModel.from_pretrained(load_hf(model_dir), lora.lora_path).generate(
+            **ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids.input_ids.shape[1]:].tolist()
+        base = reference(model_dir, None)
+        want = [lora_out, reference(model_dir, pedro.path)[1], base[2]]
+    assert want[0] != base[0] and want[1] != base[1]
+    llm = make_llm(model_dir, enable_lora=True, max_loras=1, max_lora_rank=8)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
+                        lora_request=[lora, None, None], pedro_request=[None, pedro, None], use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+
+    def chains(model):  # the classes from the outermost qkv_proj / gate_up_proj down to the linear
+        def chain(m):
+            names = []
+            while m is not None:
+                names.append(type(m).__name__)
+                m = getattr(m, "base_layer", None)
+            return names
+        layer = model.model.layers[0]
+        return chain(layer.self_attn.qkv_proj), chain(layer.mlp.gate_up_proj)
+
+    (qkv, gate_up), = llm.apply_model(chains)
+    assert qkv[0].startswith("PedroQKVProj") and "LoRA" in qkv[1] and qkv[-1] == "QKVParallelLinear", qkv
+    assert "LoRA" in gate_up[-2] and gate_up[-1] == "MergedColumnParallelLinear", gate_up
+    assert gate_up[0].startswith("PedroGateUpProj") == (arch == "gemma2"), gate_up  # olmo2: SiluAndMul fused
+    close(llm)

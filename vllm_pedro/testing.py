@@ -128,6 +128,38 @@ def _write_rope_theta_top_level(directory: str) -> None:
         json.dump(cfg, f, indent=2)
 
 
+def load_model(model_dir: str):
+    """The float32 transformers model of a local folder. Also in a process where vLLM's
+    Transformers backend has served that family (in-process engines in tests): vLLM decorates
+    the family's transformers class for torch.compile, in place, and building one then needs
+    a vLLM config for the model; it gets one that compiles nothing."""
+    from transformers import AutoModelForCausalLM
+
+    load = lambda: AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,  # noqa: E731
+                                                        dtype=torch.float32)
+    if not _decorated_by_vllm(model_dir):
+        return load()
+    from vllm.config import CompilationConfig, CompilationMode, ModelConfig, VllmConfig, set_current_vllm_config
+
+    config = VllmConfig(model_config=ModelConfig(model=model_dir, dtype="float32"),
+                        compilation_config=CompilationConfig(mode=CompilationMode.NONE))
+    with set_current_vllm_config(config):
+        return load()
+
+
+def _decorated_by_vllm(model_dir: str) -> bool:
+    if "vllm" not in sys.modules:
+        return False
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+
+    decoder = getattr(transformers, str(MODEL_MAPPING_NAMES.get(AutoConfig.from_pretrained(model_dir).model_type)),
+                      None)
+    return decoder is not None and TorchCompileWithNoGuardsWrapper in decoder.__bases__
+
+
 def randomize_generators(pedro_model, seed: int, std: float = 0.3, rational_std: float = 0.3) -> None:
     """Random generator weights, in place: every weight (W_up included, so the vectors
     differ from 1 and the adapter visibly changes the model) from N(0, std^2); the
@@ -152,12 +184,10 @@ def build_random_adapters(model_dir: str, seeds_to_dirs: dict[int, str], std: fl
     """PEDRO adapters of randomize_generators, one per (seed, folder); the base is
     loaded once. `config`: PedroConfig fields (r, targets, pooler, ...). For tests,
     demos and benchmarks; returns the folders."""
-    from transformers import AutoModelForCausalLM
-
     from .config import PedroConfig
     from .hf.model import get_pedro_model
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    model = load_model(model_dir)
     pm = get_pedro_model(model, PedroConfig(**config))
     for seed, out_dir in seeds_to_dirs.items():
         randomize_generators(pm, seed, std, rational_std)
@@ -177,9 +207,8 @@ def build_lora_adapter(model_dir: str, out_dir: str, seed: int = 0, r: int = 8,
     False: an adapter that visibly changes the model), saved as safetensors; for tests of
     LoRA tenants served beside PEDRO ones."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    model = load_model(model_dir)
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
                                                   init_lora_weights=False))
