@@ -419,6 +419,34 @@ def _check_custom_op_helper() -> None:
             where="direct_register_custom_op")
 
 
+def _check_model_modules() -> None:
+    import importlib
+
+    from vllm.model_executor.models import registry
+    from vllm.model_executor.models.transformers.base import Base
+    from vllm.model_executor.models.transformers.fusers.base import local_output_sizes
+    from vllm.model_executor.models.transformers.fusers.merged_column import MergedColumnParallelFuser
+    from vllm.model_executor.models.transformers.fusers.qkv import QKVFuser
+
+    from ..families import SUPPORTED
+
+    for arch, family in SUPPORTED.items():
+        backend = registry._TRANSFORMERS_SUPPORTED_MODELS.get(arch)
+        native = registry._TEXT_GENERATION_MODELS.get(arch)
+        assert (backend or native) is not None, f"vLLM's model registry no longer serves {arch}"
+        assert (family.vllm == "transformers") == (native is None), (
+            f"{arch}: families.py says vLLM serves it {family.vllm}, the registry says {backend or native}")
+        if native is not None:
+            source = inspect.getsource(importlib.import_module(f"vllm.model_executor.models.{native[0]}"))
+            for needle in ("qkv_proj",) if family.moe else ("qkv_proj", "gate_up_proj"):
+                assert needle in source, f"vLLM's {native[0]}.py ({arch}) no longer has {needle}"
+    _source_has(local_output_sizes, "output_sizes", "transformers backend local_output_sizes")
+    _source_has(local_output_sizes, "tp_size", "transformers backend local_output_sizes")
+    for fuser in (QKVFuser, MergedColumnParallelFuser):
+        _source_has(fuser.update_attrs, "return_bias=False", f"{fuser.__name__}.update_attrs")
+    _source_has(Base.forward, "input_ids[None, ...]", "transformers backend Base.forward (batch of one)")
+
+
 REGISTER: list[Patch] = [
     Patch("engine_args_pedro_flags", "vllm.engine.arg_utils.EngineArgs.add_cli_args/from_cli_args", "wrap",
           "always", "The PEDRO flags in every parser vLLM builds from its engine arguments (vllm serve, "
@@ -483,6 +511,12 @@ REGISTER: list[Patch] = [
           "/v1/models serve them.", _check_serving_models),
     Patch("serve_command", "vllm.entrypoints.cli.serve.ServeSubcommand.cmd", "read", "pedro",
           "vllm-pedro serve is vLLM's serve command with vLLM's parser plus the PEDRO flags.", _check_serve_command),
+    Patch("model_modules", "decoder layers of vLLM's models (self_attn.qkv_proj, mlp.gate_up_proj, the mlp's "
+          "SiluAndMul) and of its Transformers backend (fused qkv_proj / gate_up_proj, return_bias=False, a batch "
+          "of one, its rewritten forward reading .output_sizes/.tp_size)", "write", "pedro",
+          "PEDRO wraps each layer's qkv_proj and the FFN's activation or gate_up_proj (layers.wrap_model) for the "
+          "families of families.SUPPORTED, native or served through the Transformers backend.",
+          _check_model_modules),
     Patch("custom_op_helper", "vllm.utils.torch_utils.direct_register_custom_op", "read", "pedro",
           "How vLLM registers its own custom ops; the PEDRO ops use the same helper.", _check_custom_op_helper),
 ]
