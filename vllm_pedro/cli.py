@@ -66,7 +66,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("data and model")
     io.add_argument("--model", required=True,
                     help="base model: a local directory with config.json, weights and tokenizer "
-                         "(Llama-family or Qwen2 for PEDRO); nothing is downloaded")
+                         "(for PEDRO: a family of vllm_pedro/families.py); nothing is downloaded")
     io.add_argument("--train-file", required=True, help="training data: JSONL of {\"prompt\", \"response\"} records")
     io.add_argument("--dev-file", default=None,
                     help="dev data (same format) for periodic evaluation, early stopping and picking the best adapter")

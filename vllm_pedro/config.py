@@ -40,8 +40,10 @@ class BaseShapes:
 
     @classmethod
     def from_hf_config(cls, hf_config) -> BaseShapes:
-        """The shapes of a Llama-family or Qwen2 model from its transformers config (a
-        multimodal config's text_config is used)."""
+        """The shapes of a model of a supported family (families.py) from its transformers
+        config (a multimodal config's text_config is used). head_dim as the config gives it
+        where it does (Gemma, Qwen3, GLM-4, ...: not hidden_size / heads), else hidden_size /
+        heads; ff_size is intermediate_size (a mixture-of-experts model has no `up` target)."""
         text = getattr(hf_config, "text_config", None) or hf_config
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
