@@ -356,3 +356,32 @@ def test_lora_and_pedro_tenants_on_other_families(arch, tiny, tmp_path):
     assert "LoRA" in gate_up[-2] and gate_up[-1] == "MergedColumnParallelLinear", gate_up
     assert gate_up[0].startswith("PedroGateUpProj") == (arch == "gemma2"), gate_up  # olmo2: SiluAndMul fused
     close(llm)
+
+
+@pytest.mark.parametrize("arch,kw", [("olmo2", dict(enforce_eager=False, scaling="trace")),
+                                     ("olmo2", dict(enforce_eager=False, scaling="op")),
+                                     ("gemma3", dict(model_impl="transformers"))],
+                         ids=["olmo2-compiled-trace", "olmo2-compiled-op", "gemma3-transformers-backend"])
+def test_transformers_backend_compiled_and_by_choice(arch, kw, tiny, tmp_path, monkeypatch):
+    """vLLM's Transformers backend under torch.compile (both scaling modes: "op" scales q/k/v
+    out of place there, PedroQKVProjBatched), and chosen for a family vLLM also serves natively
+    (model_impl="transformers": Gemma 3's GeluAndMul MLP, PedroGateUpProjBatched)."""
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+
+    from vllm_pedro.vllm import PedroRequest
+
+    kw = dict(kw)
+    monkeypatch.setenv("VLLM_PEDRO_COMPILED_SCALING", kw.pop("scaling", "trace"))
+    model_dir = tiny(arch)
+    prompts = PROMPTS[:3]
+    with one_thread():
+        pedro = PedroRequest("p", 1, build_random_adapter(model_dir, str(tmp_path / "p"), seed=30, r=4))
+        want = reference(model_dir, None)[:1] + reference(model_dir, pedro.path)[1:3]
+    llm = make_llm(model_dir, **kw)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
+                        pedro_request=[None, pedro, pedro], use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+    (layers,) = llm.apply_model(wrappers)
+    assert layers[0] == ("PedroQKVProjBatched", "PedroGateUpProjBatched" if arch == "gemma3" else "PedroSiluAndMulBatched")
+    close(llm)

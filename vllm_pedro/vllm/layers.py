@@ -111,6 +111,8 @@ class PedroQKVProj(nn.Module):
     one: the scaling then covers LoRA's delta too): generators at prefill, then
     [Q | K | V] *= the slot row's [l_q | l_k | l_v] for every token (an untargeted part is ones)."""
 
+    scale_op = True  # "op" mode scales with the in-place custom op
+
     def __init__(self, base: nn.Module, layer: int, runtime):
         super().__init__()
         self.base_layer, self.layer = base, layer
@@ -129,7 +131,7 @@ class PedroQKVProj(nn.Module):
             rt.ops.scale_(out, rt.slots.vectors[self.layer], rt.token_slot, 0)  # the row's [q | k | v] block
             return out
         torch.ops.vllm.pedro_prefill(x, rt.slots.vectors, self.layer)
-        if rt.mode == "trace":  # out of place: a plain product torch.compile fuses into what reads qkv
+        if rt.mode == "trace" or not self.scale_op:  # out of place: a product torch.compile fuses
             return reference.scaled(out, rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]], 0)
         torch.ops.vllm.pedro_scale_qkv(out, self.layer)
         return out
@@ -161,6 +163,8 @@ class PedroGateUpProj(nn.Module):
     one) of an MLP whose activation is not SiluAndMul: U' = l_u * U before the model's own
     act(gate) * U'."""
 
+    scale_op = True  # "op" mode scales with the in-place custom op
+
     def __init__(self, base: nn.Module, layer: int, runtime):
         super().__init__()
         self.base_layer, self.layer, self.rt = base, layer, runtime
@@ -171,7 +175,7 @@ class PedroGateUpProj(nn.Module):
 
     def scaled(self, out):
         rt, ff = self.rt, out.shape[1] // 2
-        if rt.mode == "trace":
+        if rt.mode == "trace" or (rt.mode == "op" and not self.scale_op):
             reference.scale_(out[:, ff:], rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]],
                              rt.columns["up"])
         elif rt.mode == "eager":
@@ -183,12 +187,9 @@ class PedroGateUpProj(nn.Module):
 
 # vLLM's Transformers backend (OLMo 2, ...) runs the transformers modules on a batch of one,
 # [1, T, d], and builds its fused linears with return_bias=False (one tensor, no bias): these
-# variants flatten to the [T, .] the scaling takes and give back the shape. Native vLLM
-# models keep the wrappers above, with no reshaping on their path.
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.view(-1, t.shape[-1])
-
-
+# variants run the linear on the flattened [T, d] the scaling takes (so what the scaling writes
+# is a tensor of its own, not a view: compiled graphs keep an in-place op on it) and give back
+# the batch dimension. Native vLLM models keep the wrappers above, with no reshaping.
 def _carry_split_sizes(wrapper: nn.Module, base: nn.Module) -> None:
     # The forward the backend rewrote splits the fused output with self.<proj>.output_sizes
     # and .tp_size (fusers/base.py local_output_sizes): the wrapper answers for the linear.
@@ -199,29 +200,34 @@ def _carry_split_sizes(wrapper: nn.Module, base: nn.Module) -> None:
 
 
 class PedroQKVProjBatched(PedroQKVProj):
+    # Compiled graphs of the backend lost the in-place scaling op's write (vLLM 0.32: the
+    # tokens of tenants went wrong, base tokens stayed right): "op" mode scales q/k/v out of
+    # place here, as "trace" does; the prefill stays an opaque op.
+    scale_op = False
+
     def __init__(self, base: nn.Module, layer: int, runtime):
         super().__init__(base, layer, runtime)
         _carry_split_sizes(self, base)
 
     def forward(self, x):
-        out = self.base_layer(x)
-        return self.scaled(_flat(x), _flat(out)).view(out.shape)
+        flat = x.reshape(-1, x.shape[-1])
+        return self.scaled(flat, self.base_layer(flat)).view(*x.shape[:-1], -1)
 
 
 class PedroSiluAndMulBatched(PedroSiluAndMul):
     def forward(self, gate_up):
-        out = super().forward(_flat(gate_up))
-        return out.view(*gate_up.shape[:-1], out.shape[-1])
+        return super().forward(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1)
 
 
 class PedroGateUpProjBatched(PedroGateUpProj):
+    scale_op = False  # as PedroQKVProjBatched
+
     def __init__(self, base: nn.Module, layer: int, runtime):
         super().__init__(base, layer, runtime)
         _carry_split_sizes(self, base)
 
     def forward(self, x):
-        out = self.base_layer(x)
-        return self.scaled(_flat(out)).view(out.shape)
+        return self.scaled(self.base_layer(x.reshape(-1, x.shape[-1]))).view(*x.shape[:-1], -1)
 
 
 def real_linear(module: nn.Module, cls: type) -> nn.Module | None:
