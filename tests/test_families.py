@@ -383,5 +383,6 @@ def test_transformers_backend_compiled_and_by_choice(arch, kw, tiny, tmp_path, m
                         pedro_request=[None, pedro, pedro], use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outs] == want
     (layers,) = llm.apply_model(wrappers)
-    assert layers[0] == ("PedroQKVProjBatched", "PedroGateUpProjBatched" if arch == "gemma3" else "PedroSiluAndMulBatched")
+    mlp = "PedroGateUpProjBatched" if arch == "gemma3" else "PedroSiluAndMulBatched"
+    assert layers[0] == ("PedroQKVProjBatched", mlp)
     close(llm)

@@ -21,7 +21,7 @@ from vllm.outputs import CompletionOutput, RequestOutput
 
 from ..adapter_io import adapter_dir_entry, parse_adapter, read_adapter_files
 from ..config import AdapterError, BaseShapes
-from ..families import architecture_of_config, check_targets, early_hf_config
+from ..families import architecture_of_config, check_hf_config, check_targets, early_hf_config
 from ..hub import resolve_adapter
 from .args import PedroArgs, merge_engine_kwargs
 from .request import PedroRequest, check_servable, salted_prompt, with_pedro
@@ -89,7 +89,7 @@ class LLM(vllm.LLM):
             kwargs = merge_engine_kwargs(kwargs, self.pedro_args, current_platform.device_type)
             hf_config = early_hf_config(model, kwargs.get("revision"), bool(kwargs.get("trust_remote_code")))
             if hf_config is not None:  # refuse an unsupported model before an engine starts (families.py)
-                check_targets(architecture_of_config(hf_config), self.pedro_args.targets)
+                check_hf_config(hf_config, self.pedro_args.targets)
         super().__init__(model, **kwargs)
         if enable_pedro:
             cfg = self.llm_engine.vllm_config
