@@ -87,7 +87,7 @@ setup(
     py_modules=["_vllm_pedro_dist_alias"],  # imported by PTH_NAME (see build_pth)
     # The demo's tenants (vllm-pedro demo): adapter folders, held-out prompts, how they were trained.
     package_data={"vllm_pedro": ["assets/tenants/*.json", "assets/tenants/*.md", "assets/tenants/*/*.json",
-                                 "assets/tenants/*/*.safetensors"]},
+                                 "assets/tenants/*/*.safetensors", "assets/grafana/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
