@@ -148,6 +148,32 @@ def test_trainer_resumes_from_a_checkpoint_to_the_same_adapter(tiny_llama_dir, t
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+def test_trainer_loads_the_best_adapter_at_the_end(tiny_llama_dir, tmp_path):
+    """load_best_model_at_end reads the best checkpoint's adapter back. "Best" here is the
+    highest dev loss (greater_is_better), the first checkpoint, so it is not the last."""
+    from safetensors.torch import load_file
+    from transformers import TrainingArguments
+
+    from vllm_pedro.hf.trainer import PedroTrainer
+
+    pm, tok = pedro(tiny_llama_dir)
+    rows = to_rows(examples(tok))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), max_steps=3,
+                             learning_rate=1e-2, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                             save_steps=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                             greater_is_better=True, report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = PedroTrainer(model=pm, args=args, train_dataset=rows, eval_dataset=rows,
+                           data_collator=PedroDataCollator(tok))
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-1")
+    best = load_file(str(tmp_path / "checkpoint-1" / "adapter_model.safetensors"))
+    last = load_file(str(tmp_path / "checkpoint-3" / "adapter_model.safetensors"))
+    now = adapter_tensors(pm)
+    assert set(now) == set(best) and any(not torch.equal(best[k], last[k]) for k in best)
+    for k in best:
+        assert torch.equal(now[k], best[k]), k
+
+
 def test_trainer_refuses_what_is_not_a_pedro_model(tiny_llama_dir, tmp_path):
     from transformers import TrainingArguments
 
