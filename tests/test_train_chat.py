@@ -219,7 +219,8 @@ def reference_tokens(model_dir: str, adapter: str | None, prompt_ids: list[int])
     ids = torch.tensor([prompt_ids])
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False)
     with torch.no_grad():
-        out = base.generate(ids, **kw) if adapter is None else PedroModel.from_pretrained(base, adapter).generate(ids, **kw)
+        model = base if adapter is None else PedroModel.from_pretrained(base, adapter)
+        out = model.generate(ids, **kw)
     return out[0, len(prompt_ids):].tolist()
 
 

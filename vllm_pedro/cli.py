@@ -151,8 +151,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="recompute the base model's decoder layers in backward instead of keeping their activations "
                           "(PEDRO's generators are recomputed with the same prompt: the gradients do not change)")
     mem.add_argument("--bf16", action="store_true",
-                     help="bf16 autocast of the forward on the CPU or CUDA (mixed precision); the trainable parameters, "
-                          "their gradients and the optimizer state stay float32")
+                     help="bf16 autocast of the forward on the CPU or CUDA (mixed precision); the trainable "
+                          "parameters, their gradients and the optimizer state stay float32")
 
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=d.seed, help="seed for python, numpy and torch (init and shuffling)")

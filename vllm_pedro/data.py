@@ -154,7 +154,8 @@ def fit_example(prompt_ids: list[int], response_ids: list[int], max_len: int, bo
 
 def check_chat_template(tokenizer, where: str = "") -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where + ': ' if where else ''}chat records (\"messages\") need a tokenizer with a chat template, and "
+        prefix = f"{where}: " if where else ""
+        raise DataError(f"{prefix}chat records (\"messages\") need a tokenizer with a chat template, and "
                         f"{type(tokenizer).__name__} ({getattr(tokenizer, 'name_or_path', '') or 'this tokenizer'}) "
                         f"has none: set tokenizer.chat_template (as vLLM's --chat-template would serve it) or use "
                         f"{{\"prompt\", \"response\"}} records")
