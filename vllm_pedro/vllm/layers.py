@@ -112,15 +112,19 @@ class PedroQKVProj(nn.Module):
         self.rt = runtime  # a plain attribute: not a submodule, no parameters
 
     def forward(self, x):
-        out, bias = self.base_layer(x)
         rt = self.rt
         if rt.mode == "eager":
+            out, bias = self.base_layer(x)
             if rt.step is not None:
                 pedro_prefill(x, rt.slots.vectors, self.layer)
             rt.ops.scale_(out, rt.slots.vectors[self.layer], rt.token_slot, 0)  # the row's [q | k | v] block
             return out, bias
+        # Compiled: the generator reads x before the projection does, so the projection is x's
+        # last reader, as in the bare graph, and Inductor can hand x's buffer on after it.
         torch.ops.vllm.pedro_prefill(x, rt.slots.vectors, self.layer)
-        if rt.mode == "trace":  # out of place: a plain product torch.compile fuses into what reads qkv
+        out, bias = self.base_layer(x)
+        if rt.mode == "trace":
+            # out of place: a plain product torch.compile fuses into what reads qkv
             return reference.scaled(out, rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]], 0), bias
         torch.ops.vllm.pedro_scale_qkv(out, self.layer)
         return out, bias
