@@ -122,9 +122,11 @@ def build_random_adapters(model_dir: str, seeds_to_dirs: dict[int, str], std: fl
     from .config import PedroConfig
     from .hf.model import get_pedro_model
 
+    from tqdm.auto import tqdm
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     pm = get_pedro_model(model, PedroConfig(**config))
-    for seed, out_dir in seeds_to_dirs.items():
+    for seed, out_dir in tqdm(seeds_to_dirs.items(), desc="random PEDRO adapters", disable=len(seeds_to_dirs) < 64):
         randomize_generators(pm, seed, std, rational_std)
         pm.save_pretrained(out_dir)
     return list(seeds_to_dirs.values())
