@@ -191,3 +191,22 @@ def test_triton_compiles_for_sm90(dt, slot, flags, monkeypatch):
     if dt != "fp32":
         ty = "bf16" if dt == "bf16" else "f16"
         assert re.search(rf"cvt\.rn\.{ty}(x2)?\.f32", s.asm["ptx"]), "silu store not rn"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@pytest.mark.parametrize("dt", ["fp32", "fp16", "bf16"])
+def test_triton_prefill_pooler_compiles_for_sm90(dt, monkeypatch):
+    """The prefill pooler (tk._pool_kernel), lowered to cubin: every tiling the wrapper
+    picks (all of d in one program, d over several programs, no attention row). The
+    interpreter runs it in test_ops.py; this catches what only the compiler refuses (a
+    non-constexpr global read in the kernel did)."""
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    from triton.runtime.jit import JITFunction
+    from vllm_pedro.ops import triton_kernels as tk
+    pool = JITFunction(tk._pool_kernel.fn)
+    p = TRITON_DT[dt]
+    sig = {"x_ptr": p, "x_stride": "i64", "start_ptr": "*i64", "len_ptr": "*i64", "row_ptr": "*i64",
+           "code_ptr": "*i64", "w_ptr": p, "w_stride": "i64", "out_ptr": "*fp32", "out_stride": "i64", "d": "i32"}
+    for one, has_w, block_d, block_t in ((True, True, 1024, 8), (False, True, 1024, 8), (True, False, 64, 16)):
+        k = _triton_compile(pool, sig, dict(HAS_W=has_w, ONE_BLOCK=one, BLOCK_T=block_t, BLOCK_D=block_d))
+        assert k.asm.get("cubin"), "no cubin"

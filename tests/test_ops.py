@@ -485,7 +485,8 @@ def test_pool_codes_agree_with_the_generator():
         POOLER_CODES["attention"], POOLER_CODES["last"], POOLER_CODES["mean"])
     if HAS_TRITON:
         from vllm_pedro.ops import triton_kernels
-        assert (triton_kernels._ATTENTION, triton_kernels._LAST) == (POOLER_CODES["attention"], POOLER_CODES["last"])
+        codes = (triton_kernels._ATTENTION.value, triton_kernels._LAST.value)  # tl.constexpr globals
+        assert codes == (POOLER_CODES["attention"], POOLER_CODES["last"])
     # the C++ op's codes: test_pool_prompts_vs_oracle[cpu-*] (every pooler against the oracle)
 
 

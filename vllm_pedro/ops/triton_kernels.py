@@ -128,7 +128,7 @@ def silu_and_mul_scaled(gate_up, vectors, slot_idx, col, out) -> torch.Tensor:
 
 # -- the prefill pooler ------------------------------------------------------------------------
 # Pooler codes: vllm_pedro.generator.POOLER_CODES (config.POOLERS order).
-_ATTENTION, _LAST = 0, 1
+_ATTENTION, _LAST = tl.constexpr(0), tl.constexpr(1)  # jit functions may read constexpr globals only
 
 
 @triton.jit
