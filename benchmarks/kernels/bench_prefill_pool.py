@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+if "--cpu" in sys.argv:  # Triton has no CPU backend: interpret it, set before anything imports triton
+    os.environ["TRITON_INTERPRET"] = "1"
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from vllm_pedro.generator import (GELU_DENOMINATOR, GELU_NUMERATOR, StackedGenerators,  # noqa: E402
@@ -91,7 +93,6 @@ def main() -> int:
         models = {"tiny": dict(layers=2, d=40, q=40, kv=8, ff=64)}
         steps, pools = [(5, 7)], {"torch": reference.pool_prompts}
         if importlib.util.find_spec("triton") is not None:
-            os.environ["TRITON_INTERPRET"] = "1"  # Triton has no CPU backend
             from vllm_pedro.ops import triton_kernels
             pools["triton"] = triton_kernels.pool_prompts
     else:
