@@ -13,11 +13,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-# triton.language.core among this module's globals: Triton's interpreter then patches (and
-# afterwards restores) it around every interpreted launch. Without it, the library jit
-# functions the pooler calls (tl.sum, tl.max) patch core themselves and never restore it,
-# and a kernel compiled later in the same process fails (tests/test_cuda_source.py).
-from triton.language import core as _tl_core  # noqa: F401
 
 
 @triton.jit
@@ -146,7 +141,8 @@ def _pool_kernel(x_ptr, x_stride, start_ptr, len_ptr, row_ptr, code_ptr, w_ptr, 
     the weighted sum needs no second pass. (tl.sum / tl.max are triton.language's own jit
     functions: interpreted, this runs only if triton was imported with TRITON_INTERPRET=1
     already set, as tests/conftest.py arranges; _get's re-decoration cannot fix those.
-    See _tl_core above for the other direction.)"""
+    The other way round, this dynamic-bound loop does not compile in a process whose
+    triton was imported interpreted: tests/test_cuda_source.py compiles it in a fresh one.)"""
     s = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < d
