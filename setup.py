@@ -86,7 +86,8 @@ setup(
     packages=find_packages(include=["vllm_pedro", "vllm_pedro.*"]),
     py_modules=["_vllm_pedro_dist_alias"],  # imported by PTH_NAME (see build_pth)
     # The demo's tenants (vllm-pedro demo): adapter folders, held-out prompts, how they were trained.
-    package_data={"vllm_pedro": ["assets/tenants/*.json", "assets/tenants/*.md", "assets/tenants/*/*.json",
+    # ops/*.cpp: the C++ CPU ops, built on first use (vllm_pedro/ops/cpu.py).
+    package_data={"vllm_pedro": ["ops/*.cpp", "assets/tenants/*.json", "assets/tenants/*.md", "assets/tenants/*/*.json",
                                  "assets/tenants/*/*.safetensors", "assets/grafana/*.json"]},
     python_requires=">=3.10",
     install_requires=[

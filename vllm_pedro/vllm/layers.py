@@ -27,8 +27,8 @@ import os
 import torch
 from torch import nn
 
-from ..generator import generate_vectors
 from ..ops import reference
+from ..prefill import write_vectors
 
 PREFILL_OP, SCALE_QKV_OP = "pedro_prefill", "pedro_scale_qkv"
 SILU_MUL_OP, SCALE_UP_OP = "pedro_silu_and_mul", "pedro_scale_up"
@@ -59,9 +59,7 @@ def pedro_prefill(x: torch.Tensor, slots: torch.Tensor, layer: int) -> None:
     step = rt.step if rt is not None else None
     if step is None:
         return
-    g = rt.adapters.layer(layer, step.poolers, step.activations)
-    vec = generate_vectors(x[step.token_idx], step.seg, step.seg_row, g)
-    slots[layer].index_copy_(0, step.seg_slot, vec.to(slots.dtype))
+    write_vectors(slots[layer], x, step, rt.adapters.layer(layer, step.poolers, step.activations), rt.ops.pool_prompts)
 
 
 def pedro_scale_qkv(qkv: torch.Tensor, layer: int) -> None:
