@@ -537,6 +537,41 @@ def test_cpu_pool_op_refuses_out_of_range_spans():
             ops_cpu.pool_prompts(x, s, ln, r, codes, w, n, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_cpu_scale_rows_op_is_the_reference_gather_multiply(dtype, slot_dtype):
+    """The C++ in-place gather-multiply (compiled mode's qkv scaling and the eager path on the
+    CPU): every element equal to the torch reference, bit for bit, on whole rows and on a
+    strided half ([gate | up]); tokens on the skipped row (the ones row) are not touched."""
+    ok, why = ops_cpu.load()
+    if not ok:
+        pytest.skip(f"the C++ CPU op cannot be built here: {why}")
+    gen = torch.Generator().manual_seed(7)
+    rows, width, skip = 9, 2496, 8
+    vectors = (1 + 0.3 * torch.randn(rows, width, generator=gen)).to(dtype)
+    vectors[skip] = 1
+    for n, w, col, half in ((1, 960, 0, False), (257, 960, 0, False), (300, 1536, 960, True), (64, 192, 768, False)):
+        slot = torch.randint(0, rows, (n + 5,), generator=gen).to(slot_dtype)
+        x = torch.randn(n, 2 * w if half else w, generator=gen).to(dtype)
+        target = (lambda t: t[:, w:]) if half else (lambda t: t)
+        want, got = x.clone(), x.clone()
+        reference.scale_(target(want), vectors, slot, col)
+        ops_cpu.scale_rows_(target(got), vectors, slot, col, skip)
+        assert torch.equal(got, want), (dtype, n, w, col, half)
+    # `skip` means untouched, whatever that row holds (the runtime passes the ones row).
+    odd = vectors.clone()
+    odd[skip] = 2
+    x = torch.randn(4, 16, generator=gen).to(dtype)
+    got = x.clone()
+    ops_cpu.scale_rows_(got, odd, torch.tensor([skip, 0, skip, 1], dtype=slot_dtype), 0, skip)
+    assert torch.equal(got[[0, 2]], x[[0, 2]]) and not torch.equal(got[1], x[1])
+    for bad in ([rows, 0, 0, 0], [-1, 0, 0, 0]):
+        with pytest.raises(RuntimeError, match="slot"):
+            ops_cpu.scale_rows_(x.clone(), vectors, torch.tensor(bad, dtype=slot_dtype), 0, skip)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops_cpu.scale_rows_(x.clone(), vectors, torch.zeros(4, dtype=slot_dtype), width - 8, skip)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU runs the same cases "
                     "through Triton's interpreter: test_pool_prompts_vs_oracle)")
 @pytest.mark.parametrize("impl", ["triton", "torch"])

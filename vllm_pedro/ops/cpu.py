@@ -1,4 +1,5 @@
-"""Loads the C++ CPU op torch.ops.vllm_pedro_cpu.pool_prompts (pool_cpu.cpp, beside this file).
+"""Loads the C++ CPU ops torch.ops.vllm_pedro_cpu.pool_prompts and .scale_rows_ (cpu_ops.cpp,
+beside this file).
 
 Built on first use with torch.utils.cpp_extension.load into torch's extension cache
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions): about 15 s once per machine and
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-NAMESPACE = "vllm_pedro_cpu"  # the TORCH_LIBRARY namespace in pool_cpu.cpp
-SOURCE = Path(__file__).resolve().parent / "pool_cpu.cpp"
+NAMESPACE = "vllm_pedro_cpu"  # the TORCH_LIBRARY namespace in cpu_ops.cpp
+SOURCE = Path(__file__).resolve().parent / "cpu_ops.cpp"
 ENV_DISABLE = "VLLM_PEDRO_CPU_OP"  # "0": never build or load the C++ op (the torch formulation runs)
 
 # gcc flags per torch CPU capability (torch.backends.cpu.get_cpu_capability()).
@@ -29,7 +30,8 @@ _state: tuple[bool, str] | None = None
 
 
 def _registered() -> bool:
-    return hasattr(getattr(torch.ops, NAMESPACE), "pool_prompts")
+    ns = getattr(torch.ops, NAMESPACE)
+    return hasattr(ns, "pool_prompts") and hasattr(ns, "scale_rows_")
 
 
 def _load() -> tuple[bool, str]:
@@ -58,6 +60,12 @@ def load() -> tuple[bool, str]:
     if _state is None:
         _state = _load()
     return _state
+
+
+def scale_rows_(x, vectors, slot_idx, col: int, skip: int) -> None:
+    """In place: x[t] *= vectors[slot_idx[t], col:col + W] for tokens whose slot is not
+    `skip` (the ones row, left untouched)."""
+    getattr(torch.ops, NAMESPACE).scale_rows_(x, vectors, slot_idx, col, skip)
 
 
 def pool_prompts(x, starts, lengths, rows, pooler_code, pool_w, num_tokens, out):

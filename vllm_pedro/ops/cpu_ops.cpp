@@ -1,5 +1,8 @@
-// PEDRO's prefill pooler on the CPU, as a torch custom op (vllm_pedro_cpu::pool_prompts).
+// PEDRO's CPU ops, as torch custom ops in the vllm_pedro_cpu namespace:
+//   pool_prompts  the prefill pooler (below)
+//   scale_rows_   the in-place gather-multiply of the decode path (at the end of the file)
 //
+// pool_prompts:
 // Each prompt is a span of the step's flat batch x[T, d]: tokens starts[s] .. starts[s] +
 // lengths[s] - 1, read in place (no gather of the hidden states). One task per prompt:
 //   attention: scores x_t . pool_w[row] for its tokens, softmax, weighted sum
@@ -17,6 +20,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -99,10 +103,63 @@ void pool_prompts(const at::Tensor& x, const at::Tensor& starts, const at::Tenso
   });
 }
 
+// scale_rows_: x[t, :] *= vectors[slot[t], col : col + x.size(1)] in place, for every token t
+// whose slot is not `skip` (the row of ones: a base-model token is neither read nor written,
+// so it keeps its bits and costs nothing). The product is taken in float32 and rounded once
+// to x's dtype, the rule of every PEDRO op. In place, so torch.compile hands the projection's
+// output buffer on unchanged (no second buffer of its size per layer, as a traced product
+// would need when the attention reads a slice of it).
+template <typename T, typename I>
+void scale_rows(T* X, int64_t xs, const T* V, int64_t vs, const I* slot, int64_t n, int64_t w, int64_t skip) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(w, 1));  // small batches: one thread
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = static_cast<int64_t>(slot[t]);
+      if (s == skip) continue;
+      T* x = X + t * xs;
+      const T* v = V + s * vs;
+#pragma omp simd
+      for (int64_t k = 0; k < w; ++k) x[k] = static_cast<T>(static_cast<float>(x[k]) * static_cast<float>(v[k]));
+    }
+  });
+}
+
+void scale_rows_(const at::Tensor& x, const at::Tensor& vectors, const at::Tensor& slot_idx, int64_t col,
+                 int64_t skip) {
+  TORCH_CHECK(x.dim() == 2 && (x.size(1) <= 1 || x.stride(1) == 1), "x must be [T, W] with a contiguous last dim");
+  TORCH_CHECK(vectors.dim() == 2 && (vectors.size(1) <= 1 || vectors.stride(1) == 1) &&
+                  vectors.scalar_type() == x.scalar_type(), "vectors must be [S, width] in x's dtype");
+  TORCH_CHECK(slot_idx.dim() == 1 && slot_idx.is_contiguous() &&
+                  (slot_idx.scalar_type() == at::kInt || slot_idx.scalar_type() == at::kLong),
+              "slot_idx must be a contiguous 1-D int32 or int64 tensor");
+  const int64_t n = x.size(0), w = x.size(1), rows = vectors.size(0);
+  TORCH_CHECK(slot_idx.size(0) >= n, "slot_idx has ", slot_idx.size(0), " entries for ", n, " tokens");
+  TORCH_CHECK(col >= 0 && col + w <= vectors.size(1), "columns [", col, ", ", col + w, ") exceed the vectors' ",
+              vectors.size(1));
+  if (n == 0 || w == 0) return;
+  AT_DISPATCH_INDEX_TYPES(slot_idx.scalar_type(), "scale_rows_", [&] {
+    const index_t* slot = slot_idx.data_ptr<index_t>();
+    // Values are read on the CPU (no synchronisation): a slot outside the table would read
+    // outside it, so refuse it.
+    for (int64_t t = 0; t < n; ++t)
+      TORCH_CHECK(slot[t] == skip || (slot[t] >= 0 && slot[t] < rows), "token ", t, " has slot ", slot[t], " of ",
+                  rows);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scale_rows_", [&] {
+      scale_rows<scalar_t, index_t>(x.data_ptr<scalar_t>(), x.stride(0), vectors.data_ptr<scalar_t>() + col,
+                                    vectors.stride(0), slot, n, w, skip);
+    });
+  });
+}
+
+void scale_rows_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t) {}
+
 }  // namespace
 
 TORCH_LIBRARY(vllm_pedro_cpu, m) {
   m.def("pool_prompts(Tensor x, Tensor starts, Tensor lengths, Tensor rows, Tensor pooler_code, Tensor? pool_w, "
         "Tensor(a!) out) -> ()");
   m.impl("pool_prompts", c10::DispatchKey::CPU, &pool_prompts);
+  m.def("scale_rows_(Tensor(a!) x, Tensor vectors, Tensor slot_idx, int col, int skip) -> ()");
+  m.impl("scale_rows_", c10::DispatchKey::CPU, &scale_rows_);
+  m.impl("scale_rows_", c10::DispatchKey::Meta, &scale_rows_meta);  // torch.compile traces it with fake tensors
 }
