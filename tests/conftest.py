@@ -6,8 +6,18 @@ attention: fewer KV heads than query heads). Read shapes from the model's config
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Without a GPU, Triton runs interpreted (TRITON_INTERPRET=1), decided here, before any test
+# module imports triton (vLLM and transformers do): triton.jit picks the mode when it
+# decorates, and an interpreted kernel cannot call triton.language's own jit functions
+# (tl.sum, tl.max) decorated in the compiled mode. A GPU session tests compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from vllm_pedro.testing import build_tiny_model
 

@@ -17,7 +17,7 @@ TRAIN_FLAGS = ["--model", "--train-file", "--dev-file", "--output-dir", "--max-l
                "--activation", "--targets", "--lora-r", "--lora-alpha", "--lora-dropout", "--lr", "--weight-decay",
                "--warmup-steps", "--warmup-ratio", "--max-grad-norm", "--epochs", "--max-steps", "--batch-size",
                "--grad-accum", "--eval-steps", "--eval-batch-size", "--patience", "--min-delta", "--seed", "--dtype",
-               "--device", "--no-progress"]
+               "--device", "--no-progress", "--gradient-checkpointing", "--bf16"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,6 +42,10 @@ def test_console_script_train_help_lists_every_flag():
     for flag in TRAIN_FLAGS:
         assert flag in out.stdout, flag
     assert "(default: 16)" in out.stdout  # --r documents its default
+    # The chat format and how it maps to the server.
+    for text in ('{"messages": [{"role"', "add_generation_prompt=True", "/v1/chat/completions",
+                 "loss is on assistant turns only"):
+        assert text in out.stdout, text
 
 
 def test_every_train_flag_has_help_text():
@@ -82,6 +86,18 @@ def test_main_train_writes_a_loadable_adapter(tiny_llama_dir, data, tmp_path, ca
     base, _ = load_base_model(tiny_llama_dir)
     pm = PedroModel.from_pretrained(base, str(out))
     assert any(torch.count_nonzero(g.up.weight) > 0 for g in pm.generators)
+
+
+def test_main_train_memory_flags_reach_the_loop(tiny_llama_dir, data, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    rc = main(["train", "--model", tiny_llama_dir, "--train-file", str(data["train"]), "--output-dir", str(out),
+               "--max-steps", "2", "--batch-size", "4", "--gradient-checkpointing", "--bf16", "--no-progress"])
+    assert rc == 0
+    args = json.load(open(out / "train_metrics.json"))["args"]
+    assert args["gradient_checkpointing"] is True and args["bf16"] is True
+    rc = main(["train", "--model", tiny_llama_dir, "--train-file", str(data["train"]), "--output-dir", str(out),
+               "--bf16", "--dtype", "float16", "--no-progress"])
+    assert rc == 2 and "bf16 autocast needs" in capsys.readouterr().err
 
 
 def test_main_train_bad_data_is_a_clean_error(tiny_llama_dir, data, tmp_path, capsys):

@@ -11,9 +11,11 @@
 """
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -191,3 +193,37 @@ def test_triton_compiles_for_sm90(dt, slot, flags, monkeypatch):
     if dt != "fp32":
         ty = "bf16" if dt == "bf16" else "f16"
         assert re.search(rf"cvt\.rn\.{ty}(x2)?\.f32", s.asm["ptx"]), "silu store not rn"
+
+
+POOLER_COMPILE = """
+import os, sys
+os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vllm_pedro.ops import triton_kernels as tk
+for dt in ("*fp32", "*fp16", "*bf16"):
+    sig = {"x_ptr": dt, "x_stride": "i64", "start_ptr": "*i64", "len_ptr": "*i64", "row_ptr": "*i64",
+           "code_ptr": "*i64", "w_ptr": dt, "w_stride": "i64", "out_ptr": "*fp32", "out_stride": "i64", "d": "i32"}
+    for one, has_w, block_d, block_t in ((True, True, 1024, 8), (False, True, 1024, 8), (True, False, 64, 16)):
+        c = dict(HAS_W=has_w, ONE_BLOCK=one, BLOCK_T=block_t, BLOCK_D=block_d)
+        k = triton.compile(ASTSource(tk._pool_kernel, dict(sig, **{n: "constexpr" for n in c}), constexprs=c),
+                           target=GPUTarget("cuda", 90, 32))
+        assert k.asm.get("cubin"), (dt, c)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_prefill_pooler_compiles_for_sm90():
+    """The prefill pooler (tk._pool_kernel) lowered to cubin for every dtype and every
+    tiling the wrapper picks (all of d in one program, d over several programs, no
+    attention row). The interpreter runs it in test_ops.py; this catches what only the
+    compiler refuses (a non-constexpr global read in the kernel did). In a fresh process
+    with Triton in its compiled mode: the pooler's dynamic-bound loop does not compile in a
+    process whose triton was imported interpreted (TRITON_INTERPRET=1, as this CPU
+    session's conftest sets)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", POOLER_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -103,7 +103,7 @@ def tenants(tmp_path_factory, tiny_llama_dir):
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir):
     llm = LLM(tiny_llama_dir, enable_pedro=True, max_pedro_adapters=2, max_cpu_pedro_adapters=2, dtype="float32",
-              enforce_eager=True, max_model_len=512, max_num_seqs=8, seed=0)
+              enforce_eager=True, max_model_len=512, max_num_seqs=8, seed=0, disable_log_stats=False)
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -138,6 +138,21 @@ def test_every_change_kind_fails_alone_offline(llm, tenants, tmp_path):
         assert [list(o.outputs[0].token_ids) for o in outs[1:]] == clean, kind
     # The engine is still serving, and a fresh valid adapter works.
     assert run(llm, PROMPTS[:1], [PedroRequest("a", 1, t["a"])])[0].outputs[0].finish_reason == "length"
+    # vLLM's offline metrics carry the failures by cause (metrics.py); the engine writes them every 0.5 s.
+    # Of the 9 kinds: files gone (2); refused before the digest could be taken: bad JSON, a
+    # pickle (2); everything else read whole and found to differ from the validated bytes (5).
+    want = {"missing": 2, "changed": 5, "invalid": 2, "io": 0, "internal": 0}
+    deadline = time.monotonic() + 10
+    while True:
+        got = {m.labels["cause"]: m.value for m in llm.get_metrics()
+               if m.name == "vllm:pedro_adapter_load_failures"}
+        if got == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == want
+    errors = [m for m in llm.get_metrics() if m.name == "vllm:pedro_requests_finished"
+              and m.labels["finished_reason"] == "error"]
+    assert errors and errors[0].value == len(change_kinds(other))
 
 
 def test_tenants_never_read_each_others_cached_kv_offline(llm, tenants):

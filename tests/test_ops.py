@@ -382,3 +382,210 @@ def test_gpu_cuda_graph(name, monkeypatch):
         torch.testing.assert_close(qkv, want, atol=0, rtol=0)
         want_out = oracle_silu(gu.cpu(), vectors.cpu(), slots.cpu(), q + kv)
         torch.testing.assert_close(out.cpu(), want_out)
+
+
+# ---- the prefill pooler (ops.pool_prompts): every implementation vs a float64 oracle ----
+
+from vllm_pedro.generator import POOLER_CODES  # noqa: E402
+from vllm_pedro.ops import cpu as ops_cpu  # noqa: E402
+
+
+def oracle_pool(x, starts, lengths, rows, codes, pool_w):
+    """Each prompt on its own, in float64: softmax(h w) weights / the mean / the last token."""
+    out = []
+    for b, n, r in zip(starts.tolist(), lengths.tolist(), rows.tolist()):
+        h = x[b:b + n].double()
+        code = int(codes[r])
+        if code == POOLER_CODES["attention"]:
+            out.append((torch.softmax(h @ pool_w[r].double(), 0)[:, None] * h).sum(0))
+        elif code == POOLER_CODES["mean"]:
+            out.append(h.mean(0))
+        else:
+            out.append(h[-1])
+    return torch.stack(out)
+
+
+def flat_batch(gen, lengths, d, dtype, device="cpu"):
+    """PEDRO prompts as spans of a flat batch, with base tokens (gaps) around and between
+    them and the spans in a shuffled order; x is a view with a padded row stride."""
+    S = len(lengths)
+    gaps = torch.randint(0, 4, (S + 1,), generator=gen).tolist()
+    pos, spans = gaps[0], []
+    for n, gap in zip(lengths, gaps[1:]):
+        spans.append(pos)
+        pos += n + gap
+    buf = torch.randn(pos + 2, d + 5, generator=gen) * torch.rand(pos + 2, 1, generator=gen) * 3
+    x = buf.to(dtype)[:, :d].to(device)
+    perm = torch.randperm(S, generator=gen)
+    starts = torch.tensor(spans)[perm].to(device)
+    lens = torch.tensor(lengths)[perm].to(device)
+    return x, starts, lens
+
+
+def pool_case(seed, d, dtype, device="cpu", S=11, R=5, attention=True):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (S,), generator=gen).tolist()
+    lengths[0], lengths[1] = 1, 70  # a one-token prompt; one longer than a few token blocks
+    x, starts, lens = flat_batch(gen, lengths, d, dtype, device)
+    # rows: every pooler, rows shared by several prompts; without attention only last / mean
+    codes = torch.tensor([0, 1, 2, 0, 2] if attention else [1, 2, 1, 2, 2])[:R]
+    rows = torch.randint(0, R, (S,), generator=gen)
+    rows[:R] = torch.arange(R)
+    pool_w = torch.randn(R, d, generator=gen) / d ** 0.5
+    pool_w[3] *= 20  # peaked softmax: the max subtraction matters
+    pool_w = pool_w.to(dtype)
+    return (x, starts, lens, rows.to(device), codes.to(device),
+            pool_w.to(device) if attention else None, sum(lengths))
+
+
+def _pool_impls():
+    out = ["torch", "cpu"]
+    if HAS_TRITON and INTERPRET:
+        out.append("triton")
+    return out
+
+
+def _pool_fn(impl, block_d=None):
+    if impl == "cpu":
+        ok, why = ops_cpu.load()
+        if not ok:
+            pytest.skip(f"the C++ CPU op cannot be built here: {why}")
+        return ops_cpu.pool_prompts
+    if impl == "triton":
+        from vllm_pedro.ops import triton_kernels
+        if block_d:
+            return lambda *a: triton_kernels.pool_prompts(*a, block_d=block_d)
+        return triton_kernels.pool_prompts
+    return reference.pool_prompts
+
+
+POOL_TOL = dict(atol=1e-5, rtol=1.3e-6)  # torch's float32 defaults: float32 math on exactly representable inputs
+
+
+POOL_SHAPES = [(impl, d, None) for impl in _pool_impls() for d in (40, 576)] + \
+    [("triton", 40, 16)] * ("triton" in _pool_impls())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl,d,block_d", POOL_SHAPES, ids=lambda v: str(v))
+def test_pool_prompts_vs_oracle(impl, dtype, d, block_d):
+    """Mixed poolers, rows shared by prompts, a one-token prompt, spans out of order among
+    base tokens, every dtype; float32 out. block_d=16: Triton's path where d spans several
+    programs (each computes the scores over all of d)."""
+    for attention in (True, False):
+        x, starts, lens, rows, codes, pool_w, n = pool_case(d + dtype.itemsize, d, dtype, attention=attention)
+        out = torch.full((starts.shape[0], d), float("nan"))
+        got = _pool_fn(impl, block_d)(x, starts, lens, rows, codes, pool_w, n, out)
+        assert got.data_ptr() == out.data_ptr() and out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), oracle_pool(x, starts, lens, rows, codes, pool_w), **POOL_TOL)
+
+
+def test_pool_codes_agree_with_the_generator():
+    assert (reference.ATTENTION, reference.LAST, reference.MEAN) == (
+        POOLER_CODES["attention"], POOLER_CODES["last"], POOLER_CODES["mean"])
+    if HAS_TRITON:
+        from vllm_pedro.ops import triton_kernels
+        codes = (triton_kernels._ATTENTION.value, triton_kernels._LAST.value)  # tl.constexpr globals
+        assert codes == (POOLER_CODES["attention"], POOLER_CODES["last"])
+    # the C++ op's codes: test_pool_prompts_vs_oracle[cpu-*] (every pooler against the oracle)
+
+
+def test_pool_prompts_checked_entry_and_backends(monkeypatch, caplog):
+    x, starts, lens, rows, codes, pool_w, n = pool_case(1, 24, torch.float32)
+    want = oracle_pool(x, starts, lens, rows, codes, pool_w)
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    b = ops.backend("cpu")
+    assert b.pool == ("cpu" if ops_cpu.load()[0] else "torch")
+    torch.testing.assert_close(ops.pool_prompts(x, starts, lens, rows, codes, pool_w, n).double(), want, **POOL_TOL)
+    monkeypatch.setenv(ops.ENV_BACKEND, "torch")  # asked for: the torch formulation
+    assert ops.backend("cpu").pool == "torch"
+    torch.testing.assert_close(ops.pool_prompts(x, starts, lens, rows, codes, pool_w, n).double(), want, **POOL_TOL)
+    # the C++ op unavailable: the torch formulation, said once
+    monkeypatch.delenv(ops.ENV_BACKEND)
+    monkeypatch.setattr(ops._cpu, "load", lambda: (False, "no compiler here"))
+    monkeypatch.setattr(ops, "_pool_fallback_logged", False)
+    with caplog.at_level(logging.WARNING, logger="vllm_pedro.ops"):
+        assert ops.backend("cpu").pool == "torch"
+        assert ops.backend("cpu").pool == "torch"
+    assert len([r for r in caplog.records if "no compiler here" in r.getMessage()]) == 1
+    empty = ops.pool_prompts(x, starts[:0], lens[:0], rows[:0], codes, pool_w, 0)
+    assert empty.shape == (0, 24)
+    bad = [
+        lambda: ops.pool_prompts(x, starts.int(), lens, rows, codes, pool_w, n),  # int32 spans
+        lambda: ops.pool_prompts(x, starts, lens[:-1], rows, codes, pool_w, n),  # one length short
+        lambda: ops.pool_prompts(x.double(), starts, lens, rows, codes, pool_w.double(), n),
+        lambda: ops.pool_prompts(x, starts, lens, rows, codes, pool_w.half(), n),  # dtype mismatch
+        lambda: ops.pool_prompts(x, starts, lens, rows, codes, pool_w[:, :5], n),
+        lambda: ops.pool_prompts(x.t(), starts, lens, rows, codes, pool_w, n),  # last dim not contiguous
+        lambda: ops.pool_prompts(x, starts, lens, rows, codes, pool_w, n, out=torch.empty(3, 24)),
+    ]
+    for i, f in enumerate(bad):
+        with pytest.raises(ValueError):
+            f()
+            pytest.fail(f"case {i} did not raise")
+
+
+def test_cpu_pool_op_refuses_out_of_range_spans():
+    ok, why = ops_cpu.load()
+    if not ok:
+        pytest.skip(f"the C++ CPU op cannot be built here: {why}")
+    x, starts, lens, rows, codes, pool_w, n = pool_case(2, 16, torch.float32)
+    out = torch.empty(starts.shape[0], 16)
+    for s, ln, r, w in ((starts + x.shape[0], lens, rows, pool_w), (starts, lens * 0, rows, pool_w),
+                        (starts, lens, rows + 5, pool_w), (starts, lens, rows, None)):
+        with pytest.raises(RuntimeError):
+            ops_cpu.pool_prompts(x, s, ln, r, codes, w, n, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_cpu_scale_rows_op_is_the_reference_gather_multiply(dtype, slot_dtype):
+    """The C++ in-place gather-multiply (compiled mode's qkv scaling and the eager path on the
+    CPU): every element equal to the torch reference, bit for bit, on whole rows and on a
+    strided half ([gate | up]); tokens on the skipped row (the ones row) are not touched."""
+    ok, why = ops_cpu.load()
+    if not ok:
+        pytest.skip(f"the C++ CPU op cannot be built here: {why}")
+    gen = torch.Generator().manual_seed(7)
+    rows, width, skip = 9, 2496, 8
+    vectors = (1 + 0.3 * torch.randn(rows, width, generator=gen)).to(dtype)
+    vectors[skip] = 1
+    for n, w, col, half in ((1, 960, 0, False), (257, 960, 0, False), (300, 1536, 960, True), (64, 192, 768, False)):
+        slot = torch.randint(0, rows, (n + 5,), generator=gen).to(slot_dtype)
+        x = torch.randn(n, 2 * w if half else w, generator=gen).to(dtype)
+        target = (lambda t: t[:, w:]) if half else (lambda t: t)
+        want, got = x.clone(), x.clone()
+        reference.scale_(target(want), vectors, slot, col)
+        ops_cpu.scale_rows_(target(got), vectors, slot, col, skip)
+        assert torch.equal(got, want), (dtype, n, w, col, half)
+    # `skip` means untouched, whatever that row holds (the runtime passes the ones row).
+    odd = vectors.clone()
+    odd[skip] = 2
+    x = torch.randn(4, 16, generator=gen).to(dtype)
+    got = x.clone()
+    ops_cpu.scale_rows_(got, odd, torch.tensor([skip, 0, skip, 1], dtype=slot_dtype), 0, skip)
+    assert torch.equal(got[[0, 2]], x[[0, 2]]) and not torch.equal(got[1], x[1])
+    for bad in ([rows, 0, 0, 0], [-1, 0, 0, 0]):
+        with pytest.raises(RuntimeError, match="slot"):
+            ops_cpu.scale_rows_(x.clone(), vectors, torch.tensor(bad, dtype=slot_dtype), 0, skip)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops_cpu.scale_rows_(x.clone(), vectors, torch.zeros(4, dtype=slot_dtype), width - 8, skip)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU runs the same cases "
+                    "through Triton's interpreter: test_pool_prompts_vs_oracle)")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gpu_pool_prompts_vs_oracle(impl):
+    if impl == "triton" and not HAS_TRITON:
+        pytest.skip("triton not installed")
+    for dtype in DTYPES:
+        for d, block_d in ((576, None), (4096, None), (2048, 256), (40, 16)):
+            if block_d and impl != "triton":
+                continue
+            for attention in (True, False):
+                x, starts, lens, rows, codes, pool_w, n = pool_case(d, d, dtype, "cuda", S=37, attention=attention)
+                out = torch.full((starts.shape[0], d), float("nan"), device="cuda")
+                _pool_fn(impl, block_d)(x, starts, lens, rows, codes, pool_w, n, out)
+                want = oracle_pool(x.cpu(), starts.cpu(), lens.cpu(), rows.cpu(), codes.cpu(),
+                                   None if pool_w is None else pool_w.cpu())
+                torch.testing.assert_close(out.cpu().double(), want, atol=1e-5, rtol=1e-5)

@@ -39,10 +39,10 @@ def test_register_entry_holds_on_installed_vllm(entry):
     entry.check()
 
 
-def test_register_names_are_unique_and_only_the_flags_are_always_on():
+def test_register_names_are_unique_and_only_the_inert_cli_wraps_are_always_on():
     names = [p.name for p in patches.REGISTER]
     assert len(set(names)) == len(names)
-    assert [p.name for p in patches.REGISTER if p.active == "always"] == ["engine_args_pedro_flags"]
+    assert [p.name for p in patches.REGISTER if p.active == "always"] == ["engine_args_pedro_flags", "serve_exit_code"]
 
 
 def test_a_register_check_fails_when_vllm_moves(monkeypatch):
@@ -95,7 +95,7 @@ def test_pedro_off_is_stock_vllm(tmp_path):
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     s = json.loads(line[0][len("STATE="):])
     stock = {"llm_is_vllms": True, "add_request": False, "generate": False, "check_model": False,
-             "beam_search": False, "endpoints": False, "applied": ["engine_args_pedro_flags"]}
+             "beam_search": False, "endpoints": False, "applied": ["engine_args_pedro_flags", "serve_exit_code"]}
     assert s["off"] == stock and s["still_off"] == stock
     on = s["on"]
     assert on["llm_is_vllms"] is True  # no alias: vllm_pedro.LLM is the one offline API

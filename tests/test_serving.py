@@ -323,6 +323,7 @@ def test_sigterm_stops_the_whole_process_group(setup):
     assert stop_server(proc, timeout=60), "server or engine process still alive 60 s after SIGTERM"
     assert not group_alive(proc.pid)
     assert time.monotonic() - t0 < 60
+    assert proc.returncode == 0, "a clean SIGTERM must exit 0 (a restart, not a crash)"
 
 
 # -- no server needed -----------------------------------------------------------------

@@ -20,12 +20,14 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from vllm_pedro import PedroModel  # noqa: E402
-from vllm_pedro.testing import (build_demo, build_lora_adapter, free_port, group_alive, make_demo_adapter,  # noqa: E402
-                                server_env, start_server, stop_server, wait_ready)
+from vllm_pedro.testing import (build_demo, build_lora_adapter, build_random_adapters, free_port,  # noqa: E402
+                                group_alive, make_demo_adapter, server_env, start_server, stop_server, wait_ready)
 
 PROMPTS = ["The quick brown fox jumps over", "name: Alpha, food: Italian, area:", "Is the sky blue? yes. Is fire"]
 CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Is the sky blue?"}]
 MAX_TOKENS = 10
+STEP_TOKENS = 64  # --max-num-batched-tokens: base prompts longer than this are chunked
+N_BY_NAME = 5  # tenants in --pedro-adapter-dir
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +39,16 @@ def setup(tmp_path_factory):
     loras = {"lora-a": build_lora_adapter(model, str(work / "lora-a"), seed=1),
              "lora-b": build_lora_adapter(model, str(root / "lora-b"), seed=2)}
     tenant_c = make_demo_adapter(model, str(root / "tenant-c"), seed=3)
+    by_name = work / "by-name"  # --pedro-adapter-dir: tenants served by name
+    build_random_adapters(model, {10 + i: str(by_name / f"t{i}") for i in range(N_BY_NAME)}, r=4)
     port = free_port()
     log_path = work / "server.log"
     log = open(log_path, "w")
     proc = start_server(model, adapters, port, log_file=log,
-                        extra_args=["--enable-lora", "--max-lora-rank", "8", "--max-loras", "1",
-                                    "--lora-modules", f"lora-a={loras['lora-a']}", "--pedro-allowed-roots", str(root)],
+                        extra_args=["--max-num-batched-tokens", str(STEP_TOKENS),  # chunked prefill, a small step
+                                    "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1",
+                                    "--lora-modules", f"lora-a={loras['lora-a']}", "--pedro-allowed-roots", str(root),
+                                    "--pedro-adapter-dir", str(by_name), "--pedro-metrics-tenant-labels", "2"],
                         env=server_env(VLLM_ALLOW_RUNTIME_PEDRO_UPDATING=1, VLLM_ALLOW_RUNTIME_LORA_UPDATING=1))
     try:
         try:
@@ -51,7 +57,7 @@ def setup(tmp_path_factory):
             log.flush()
             raise AssertionError(f"server did not start:\n{log_path.read_text()[-5000:]}")
         yield dict(proc=proc, port=port, model=model, paths={**adapters, **loras, "tenant-c": tenant_c},
-                   root=root, base_url=f"http://127.0.0.1:{port}", log_path=log_path)
+                   root=root, by_name=by_name, base_url=f"http://127.0.0.1:{port}", log_path=log_path)
     finally:
         if proc.poll() is None or group_alive(proc.pid):
             stop_server(proc)
@@ -78,7 +84,7 @@ def ref(setup):
             m.generation_config.eos_token_id = None  # like ignore_eos
             if name.startswith("lora"):
                 m = PeftModel.from_pretrained(m, paths[name])
-            elif name.startswith("tenant"):
+            elif name != "base":  # a PEDRO tenant
                 m = PedroModel.from_pretrained(m, paths[name])
             models[name] = m.eval()
         return models[name]
@@ -97,6 +103,11 @@ def ref(setup):
                 out = load(name).generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n,
                                           do_sample=False)
             return out[0, len(prompt_ids):].tolist()
+
+        @staticmethod
+        def by_name(name: str, prompt_ids: list[int], n: int) -> list[int]:
+            paths.setdefault(name, str(setup["by_name"] / name))
+            return Ref.ids(name, prompt_ids, n)
 
         @staticmethod
         def logprobs(name: str, prompt_ids: list[int], out_ids: list[int]) -> list[float]:
@@ -235,6 +246,20 @@ def test_structured_outputs_with_tenants(setup, client):
         assert len(r.choices[0].text) == 3 and r.choices[0].text.isdigit(), (name, r.choices[0].text)
 
 
+def test_a_pedro_prompt_longer_than_a_step_is_a_400_and_base_prompts_are_chunked(setup, client, ref):
+    from vllm_pedro.testing import CORPUS
+
+    long_ids = ref.tokenizer(CORPUS * 2)["input_ids"][:100]
+    with pytest.raises(openai.BadRequestError) as e:
+        completion(client, setup, "tenant-a", long_ids)
+    assert "100 tokens" in str(e.value) and str(STEP_TOKENS) in str(e.value)
+    for name in ("base", "lora-a"):  # chunked over two steps, exact
+        out = completion(client, setup, name, long_ids)
+        assert out.choices[0].token_ids == ref.ids(name, long_ids), name
+    out = completion(client, setup, "tenant-a", long_ids[:60])
+    assert out.choices[0].token_ids == ref.ids("tenant-a", long_ids[:60])
+
+
 def test_a_name_in_both_module_lists_is_refused_before_the_engine_starts(setup):
     from vllm_pedro.vllm.args import apply_cli_args
     from vllm_pedro.vllm.server import make_serve_parser
@@ -245,6 +270,77 @@ def test_a_name_in_both_module_lists_is_refused_before_the_engine_starts(setup):
         apply_cli_args(args, device="cpu")
 
 
-def test_server_stops_cleanly(setup):
-    assert stop_server(setup["proc"]), "the server did not exit cleanly on SIGTERM"
-    assert not group_alive(setup["proc"].pid)
+def scrape(setup) -> dict:
+    """/metrics as {(series, frozenset(labels)): value}, vllm:pedro_* only."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(setup["base_url"] + "/metrics", timeout=30).text
+    return {(s.name, frozenset((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine"))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples if s.name.startswith("vllm:pedro_")}
+
+
+def value(snap, name, **labels):
+    return snap.get((name, frozenset(labels.items())), 0)
+
+
+def test_metrics_follow_the_traffic(setup, client, ref):
+    """N tenants never requested before, each twice: N misses and disk reads, then N store
+    hits, 2N finished requests, one load-time observation per read; per-tenant series
+    capped at --pedro-metrics-tenant-labels."""
+    import time
+
+    before = scrape(setup)
+    for i in range(N_BY_NAME):
+        for _ in range(2):
+            out = completion(client, setup, f"t{i}", PROMPTS[0], max_tokens=4)
+            assert out.choices[0].token_ids == ref.by_name(f"t{i}", ref.prompt_ids(PROMPTS[0]), 4)
+    deadline = time.monotonic() + 15  # the engine writes its numbers every 0.5 s
+    while True:
+        after = scrape(setup)
+        delta = lambda name, **kw: value(after, name, **kw) - value(before, name, **kw)  # noqa: E731
+        if delta("vllm:pedro_requests_finished_total", finished_reason="length") >= 2 * N_BY_NAME \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert delta("vllm:pedro_adapter_disk_reads_total") == N_BY_NAME
+    assert delta("vllm:pedro_store_misses_total") == N_BY_NAME
+    assert delta("vllm:pedro_store_hits_total") == N_BY_NAME
+    assert delta("vllm:pedro_store_adapters") == N_BY_NAME
+    assert delta("vllm:pedro_adapter_load_seconds_count") == N_BY_NAME
+    assert delta("vllm:pedro_requests_finished_total", finished_reason="length") == 2 * N_BY_NAME
+    assert value(after, "vllm:pedro_requests_running") == 0
+    assert value(after, "vllm:pedro_requests_waiting_for_adapter") == 0
+    assert 0 < value(after, "vllm:pedro_device_rows_used") <= value(after, "vllm:pedro_device_rows") == 4
+    assert value(after, "vllm:pedro_store_capacity") >= N_BY_NAME
+    assert sum(value(after, "vllm:pedro_adapter_load_failures_total", cause=c) for c in
+               ("missing", "changed", "invalid", "io", "internal")) == 0
+    tenants = {dict(k[1])["tenant"]: v for k, v in after.items() if k[0] == "vllm:pedro_tenant_requests_total"}
+    assert len(tenants) == 3 and "__other__" in tenants, tenants  # 2 labels + the rest
+    before_total = sum(v for k, v in before.items() if k[0] == "vllm:pedro_tenant_requests_total")
+    assert sum(tenants.values()) - before_total == 2 * N_BY_NAME
+
+
+@pytest.mark.parametrize("bad", ["evil\nINFO forged line", " leading", "trailing ", "tab\tname", "x" * 257,
+                                 "zero\u200bwidth"])
+def test_tenant_names_that_break_the_rule_are_refused(setup, bad):
+    r = post(setup, "/v1/load_pedro_adapter", {"pedro_name": bad, "pedro_path": setup["paths"]["tenant-c"]})
+    assert r.status_code == 400 and "tenant name is printable text" in r.json()["error"]["message"], r.text
+    r = httpx.post(setup["base_url"] + "/v1/completions", json={"model": bad, "prompt": "hi", "max_tokens": 2},
+                   timeout=60)
+    assert r.status_code in (400, 404), r.text
+    log = setup["log_path"].read_text()
+    assert "\nINFO forged line" not in log
+
+
+def test_tenant_name_of_the_base_model_is_refused(setup):
+    r = post(setup, "/v1/load_pedro_adapter", {"pedro_name": setup["model"], "pedro_path": setup["paths"]["tenant-c"]})
+    assert r.status_code == 400 and "base model" in r.json()["error"]["message"]
+
+
+def test_sigint_stops_the_server_with_exit_code_0(setup):
+    import signal
+
+    proc = setup["proc"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
+    assert stop_server(proc) and not group_alive(proc.pid)

@@ -1,8 +1,8 @@
 """The worker's per-step token -> slot map (runner.StepMap) against the old per-request
 Python walk it replaced, on random batches: requests join (base and PEDRO), decode, finish,
 get preempted and resume with a recomputed prefill, and the batch order shuffles. Every
-step, every token must read the slot of the same request in both, and the prefill
-segments must cover the same prompt tokens."""
+step, every token must read the slot of the same request in both, and the prefill spans
+must cover the same prompt tokens, grouped by adapter row."""
 
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def test_step_map_equals_the_old_walk_on_random_batches(seed):
             rng.shuffle(order)
         batch = Batch(list(order))
         # -- both maps ----------------------------------------------------------------------
-        prefills = {r: (0, reqs[r].prompt_len) for r in order if reqs[r].pedro and reqs[r].computed == 0}
+        prefills = {r: (rng.randrange(3), reqs[r].prompt_len) for r in order  # (adapter row, prompt length)
+                    if reqs[r].pedro and reqs[r].computed == 0}
         plan = PedroStepPlan(prefills=prefills) if prefills else None
         num_sched = np.array([scheduled[r] for r in order], dtype=np.int32)
         want_owner, want_prefills = old.step(finished, scheduled, order, reqs)
@@ -132,11 +133,19 @@ def test_step_map_equals_the_old_walk_on_random_batches(seed):
         if plan is None:
             assert step_info is None and want_prefills == []
         else:
-            seg_req = [owner[int(s)] for s in step_info.seg_slot]
-            got = {}
-            for tok, seg in zip(step_info.token_idx.tolist(), step_info.seg.tolist()):
-                got.setdefault(seg_req[seg], []).append(tok)
+            spans = zip(step_info.slots.tolist(), step_info.starts.tolist(), step_info.lengths.tolist())
+            got = {owner[s]: list(range(b, b + n)) for s, b, n in spans}
             assert sorted(got.items()) == want_prefills, f"step {step}"
+            assert step_info.num_tokens == sum(len(t) for _, t in want_prefills)
+            # Grouped by adapter row: each prompt's row is its plan's, and the groups are the
+            # runs of equal rows, every prompt in exactly one.
+            rows = step_info.rows.tolist()
+            assert rows == [prefills[owner[s]][0] for s in step_info.slots.tolist()]
+            assert rows == sorted(rows)
+            assert [r for row, lo, hi in step_info.groups for r in [row] * (hi - lo)] == rows
+            assert len({row for row, _, _ in step_info.groups}) == len(step_info.groups)
+            assert step_info.groups[0][1] == 0 and step_info.groups[-1][2] == len(rows)
+            assert all(a[2] == b[1] for a, b in zip(step_info.groups, step_info.groups[1:]))
         # -- the step runs: prefills computed, one token each, some finish --------------------
         finished = []
         for r in running:

@@ -244,11 +244,11 @@ def test_bilevel_each_parameter_group_steps_only_on_its_own_data(tiny_llama_dir,
     calls = []
     real = tr.accumulate_gradients
 
-    def spy(model, micro):
+    def spy(model, micro, *rest):
         rows = {tuple(r[m.bool()].tolist()) for b in micro for r, m in zip(b["input_ids"], b["attention_mask"])}
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         calls.append({"held": rows <= held_rows, "train": not rows & held_rows, "before": before, "model": model})
-        return real(model, micro)
+        return real(model, micro, *rest)
 
     monkeypatch.setattr(tr, "accumulate_gradients", spy)
     m = train(base_args(tiny_llama_dir, task, tmp_path / "bl", dev_file=None, max_steps=4, bilevel=True,
@@ -344,3 +344,107 @@ def test_encode_and_collate(tiny_llama_dir):
     lab = b["labels"][0].tolist()
     assert lab[:e.prompt_length] == [IGNORE_INDEX] * e.prompt_length
     assert lab[e.prompt_length:n] == e.input_ids[e.prompt_length:] and lab[n:] == [IGNORE_INDEX] * (12 - n)
+
+
+# -- memory: gradient checkpointing and bf16 autocast --------------------------------------------
+def randomized_pedro(model_dir, seed=3, **config):
+    from vllm_pedro.config import PedroConfig
+    from vllm_pedro.hf.model import get_pedro_model
+    from vllm_pedro.testing import randomize_generators
+
+    base, tok = load_base_model(model_dir)
+    pm = get_pedro_model(base, PedroConfig(r=8, **config))
+    randomize_generators(pm, seed, std=0.1, rational_std=0.05)  # every parameter gets a gradient
+    pm.train()
+    return pm, tok
+
+
+def memory_batch(tok):
+    recs = [("key: fox. the quick brown lazy. answer:", " yes"), ("key: dog. model. answer:", " no no no"),
+            ("key: sky. tokens vectors. answer:", " cold")]
+    return collate([encode_example(tok, p, r, 64) for p, r in recs], pad_token_id(tok))
+
+
+def loss_and_grads(pm, batch, amp_dtype=None):
+    pm.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(pm, [batch], amp_dtype)
+    return loss, {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("targets", [("q", "v", "up"), ("k", "up")])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, targets):
+    pm, tok = randomized_pedro(tiny_model_dir, targets=targets)
+    batch = memory_batch(tok)
+    calls = []
+    pm.generators[0].register_forward_hook(lambda *a: calls.append(1))
+    loss, grads = loss_and_grads(pm, batch)
+    assert len(calls) == 1
+    pm.gradient_checkpointing_enable()
+    assert pm.is_gradient_checkpointing
+    loss_ckpt, grads_ckpt = loss_and_grads(pm, batch)
+    assert len(calls) == 3  # the layer ran again in backward, and the generator with it
+    assert loss_ckpt == pytest.approx(loss, rel=1e-6)
+    for n in grads:
+        assert grads[n].abs().sum() > 0, n
+        torch.testing.assert_close(grads_ckpt[n], grads[n], rtol=1e-6, atol=1e-9, msg=n)
+    pm.gradient_checkpointing_disable()
+    assert not pm.is_gradient_checkpointing
+
+
+def test_checkpointing_without_the_prompt_mask_fails_and_reentrant_is_refused(tiny_llama_dir):
+    """The control: transformers' own checkpointing reruns the layers after the prompt
+    mask was cleared, so the generators are skipped in the recomputation."""
+    from torch.utils.checkpoint import CheckpointError
+
+    pm, tok = randomized_pedro(tiny_llama_dir)
+    pm.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(CheckpointError, match="different number of tensors"):
+        loss_and_grads(pm, memory_batch(tok))
+    with pytest.raises(ValueError, match="non-reentrant"):
+        pm.gradient_checkpointing_enable({"use_reentrant": True})
+
+
+def test_train_with_gradient_checkpointing_matches_without(tiny_llama_dir, task, tmp_path):
+    from safetensors.torch import load_file
+
+    kw = dict(dev_file=None, max_steps=3, batch_size=8)
+    a = train(base_args(tiny_llama_dir, task, tmp_path / "a", **kw))
+    b = train(base_args(tiny_llama_dir, task, tmp_path / "b", gradient_checkpointing=True, **kw))
+    assert b["args"]["gradient_checkpointing"] and not a["args"]["gradient_checkpointing"]
+    assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], rel=1e-6)
+    ta, tb = (load_file(str(tmp_path / x / "adapter_model.safetensors")) for x in "ab")
+    for n in ta:
+        torch.testing.assert_close(tb[n], ta[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_bf16_autocast_keeps_float32_gradients_near_the_float32_ones(tiny_llama_dir):
+    pm, tok = randomized_pedro(tiny_llama_dir)
+    batch = memory_batch(tok)
+    loss, grads = loss_and_grads(pm, batch)
+    loss_bf16, grads_bf16 = loss_and_grads(pm, batch, torch.bfloat16)
+    assert loss_bf16 != loss and loss_bf16 == pytest.approx(loss, rel=2e-2)  # it did compute in bf16
+    assert all(p.dtype == torch.float32 for p in pm.generators.parameters())
+    for n in grads:
+        assert grads_bf16[n].dtype == torch.float32, n
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    flat_bf16 = torch.cat([grads_bf16[n].flatten() for n in grads])
+    assert torch.nn.functional.cosine_similarity(flat, flat_bf16, dim=0) > 0.99
+
+
+def test_bf16_training_lowers_the_loss(tiny_llama_dir, task, tmp_path):
+    from safetensors.torch import load_file
+
+    fp32 = train(base_args(tiny_llama_dir, task, tmp_path / "fp32", max_steps=12, eval_steps=12))
+    m = train(base_args(tiny_llama_dir, task, tmp_path / "bf16", max_steps=12, eval_steps=12, bf16=True,
+                        gradient_checkpointing=True))
+    assert m["args"]["bf16"] and m["best_dev_loss"] < 0.8 * m["initial_dev_loss"]
+    assert m["history"][-1]["loss"] < m["history"][0]["loss"]
+    assert [h["loss"] for h in m["history"]] != [h["loss"] for h in fp32["history"]]  # autocast was on
+    assert m["best_dev_loss"] == pytest.approx(fp32["best_dev_loss"], rel=0.1)
+    tensors = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+
+
+def test_bf16_needs_a_float32_or_bfloat16_base(tmp_path):
+    with pytest.raises(ValueError, match="bf16 autocast"):
+        TrainArgs(model="m", train_file="t", output_dir=str(tmp_path), bf16=True, dtype="float16").validate()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -313,8 +314,38 @@ def test_serve_unknown_model_is_not_found(server):
     assert r.choices[0].text == server["reference"]["tenant-b"]["completions"][0]
 
 
-def test_serve_sigterm_stops_the_process_group(server):
+def test_serve_sigterm_to_the_process_group_exits_0(server):
+    """A SIGTERM to the whole process group (what systemd sends to a unit's cgroup): the
+    server and its engine shut down as stock `vllm serve` does, exit code 0."""
+    import signal
+
     proc = server["proc"]
     assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
     assert stop_server(proc, timeout=60), "server or engine still alive 60 s after SIGTERM"
+    assert not group_alive(proc.pid)
+
+
+def test_serve_exits_nonzero_when_its_engine_dies(tmp_path):
+    """`vllm serve --enable-pedro` whose engine core is killed (SIGKILL): exit code 1 (stock
+    vLLM returns 0 then), the whole process group gone."""
+    import signal
+
+    import psutil
+
+    model, adapters = build_demo(str(tmp_path))
+    port = free_port()
+    cmd = [str(VLLM_SCRIPT), "serve", model, "--enable-pedro", "--pedro-modules", f"tenant-a={adapters['tenant-a']}",
+           "--host", "127.0.0.1", "--port", str(port), *SERVER_FLAGS]
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_ready(proc, port, timeout=300)
+            children = psutil.Process(proc.pid).children(recursive=True)
+            engines = [c for c in children if "EngineCore" in " ".join(c.cmdline()) + c.name()]
+            os.kill((engines or children)[0].pid, signal.SIGKILL)
+            assert proc.wait(timeout=120) == 1, (tmp_path / "server.log").read_text()[-3000:]
+        finally:
+            stop_server(proc)
     assert not group_alive(proc.pid)

@@ -2,6 +2,7 @@
 cache against a float64 oracle of each adapter's generator, the scheduler's row map, the
 host adapter store, and the serving rule (check_servable)."""
 
+import os
 import time
 
 import pytest
@@ -249,3 +250,55 @@ def test_store_loader_threads_run_torch_serially(adapter_dirs):
         assert torch.get_num_threads() == before
     finally:
         store.shutdown()
+
+
+# -- /metrics (metrics.py) ----------------------------------------------------------------------
+def test_metrics_collector_turns_a_snapshot_into_prometheus_series(tmp_path):
+    """The front end's collector over the engine's snapshot: every series with vLLM's labels,
+    cumulative histogram buckets, and the Grafana dashboard asks only for series it yields."""
+    import json
+    import re
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vllm_pedro.vllm.metrics import Histogram, PedroCollector, SnapshotWriter, TenantCounter
+
+    hist = Histogram()
+    for v in (0.003, 0.003, 0.2, 30.0):
+        hist.observe(v)
+    tenants = TenantCounter(cap=2)
+    for name in ("a", "b", "a", "c", "d", "b"):
+        tenants.add(name)
+    assert tenants.counts == {"a": 2, "b": 2, "__other__": 2}
+    snap = {"store_adapters": 3, "store_capacity": 10, "store_hits": 7, "store_misses": 3, "disk_reads": 3,
+            "evictions": 1, "failures": {"missing": 1}, "load_seconds": hist.to_dict(), "device_rows_used": 2,
+            "device_rows": 4, "waiting_for_adapter": 1, "running": 5, "finished": {"stop": 4, "error": 1},
+            "tenants": tenants.counts}
+    path = str(tmp_path / "stats.json")
+    writer = SnapshotWriter(path, lambda: snap)
+    writer.close()
+    collector = PedroCollector()
+    collector.watch(path, "m")
+    registry = CollectorRegistry()
+    registry.register(collector)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    lab = (("engine", "0"), ("model_name", "m"))
+    assert samples[("vllm:pedro_store_hits_total", lab)] == 7
+    assert samples[("vllm:pedro_device_rows_used", lab)] == 2
+    assert samples[("vllm:pedro_adapter_load_failures_total", tuple(sorted(lab + (("cause", "missing"),))))] == 1
+    assert samples[("vllm:pedro_adapter_load_failures_total", tuple(sorted(lab + (("cause", "io"),))))] == 0
+    assert samples[("vllm:pedro_requests_finished_total", tuple(sorted(lab + (("finished_reason", "error"),))))] == 1
+    assert samples[("vllm:pedro_adapter_load_seconds_count", lab)] == 4
+    assert samples[("vllm:pedro_adapter_load_seconds_bucket", tuple(sorted(lab + (("le", "0.005"),))))] == 2
+    assert samples[("vllm:pedro_adapter_load_seconds_bucket", tuple(sorted(lab + (("le", "10.0"),))))] == 3
+    assert samples[("vllm:pedro_adapter_load_seconds_bucket", tuple(sorted(lab + (("le", "+Inf"),))))] == 4
+    assert samples[("vllm:pedro_tenant_requests_total", tuple(sorted(lab + (("tenant", "__other__"),))))] == 2
+    names = {n for n, _ in samples}
+    import vllm_pedro
+
+    dash = json.load(open(os.path.join(os.path.dirname(vllm_pedro.__file__), "assets", "grafana",
+                                       "pedro_dashboard.json")))
+    asked = {m for p in dash["panels"] for t in p["targets"] for m in re.findall(r"vllm:pedro_[a-z_]+", t["expr"])}
+    assert asked and asked <= names, asked - names

@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from .config import (CONFIG_NAME, RATIONAL_DEN_COEFFS, RATIONAL_NUM_COEFFS, WEIGHTS_NAME, AdapterError,
-                     BaseShapes, PedroConfig, parse_json)
+                     AdapterMissingError, BaseShapes, PedroConfig, parse_json)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 16
@@ -121,7 +121,7 @@ def _read_file(directory: str, name: str, max_bytes: int, allowed_roots: list[st
         # O_NONBLOCK: opening a FIFO does not wait for a writer.
         fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise AdapterError(f"missing {name} in adapter directory {directory!r}") from None
+        raise AdapterMissingError(f"missing {name} in adapter directory {directory!r}") from None
     except OSError as e:
         why = "it was replaced by a symlink while being opened" if e.errno == errno.ELOOP else e.strerror
         raise AdapterError(f"cannot open {name} in {directory!r}: {why}") from None
@@ -164,7 +164,7 @@ def _opened_path(fd: int, fallback: str) -> str:
 
 def _check_directory(directory: str, allowed_roots: list[str] | None) -> None:
     if not os.path.isdir(directory):
-        raise AdapterError(f"adapter directory {directory!r} does not exist")
+        raise AdapterMissingError(f"adapter directory {directory!r} does not exist")
     if allowed_roots is not None and not is_under(os.path.realpath(directory), allowed_roots):
         raise AdapterError(f"adapter directory {directory!r} is not inside an allowed root")
 
@@ -208,7 +208,7 @@ def read_adapter_files(directory: str, allowed_roots: list[str] | None = None) -
         if pickles:
             raise AdapterError(f"refusing to load pickle file {pickles[0]!r} in {directory!r}: "
                                f"PEDRO adapters are read only from {WEIGHTS_NAME}")
-        raise AdapterError(f"missing {WEIGHTS_NAME} in adapter directory {directory!r}")
+        raise AdapterMissingError(f"missing {WEIGHTS_NAME} in adapter directory {directory!r}")
     config_bytes = _read_file(directory, CONFIG_NAME, MAX_CONFIG_BYTES, allowed_roots)
     config = PedroConfig.from_json_bytes(config_bytes, os.path.join(directory, CONFIG_NAME))
     # Every tensor at 4 bytes per element, plus the header: a bound known before reading.

@@ -39,9 +39,23 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 # -- train -----------------------------------------------------------------------------
 TRAIN_DESCRIPTION = """\
 Train a PEDRO adapter (or a LoRA / IA3 baseline with --method) on a JSONL file of
-{"prompt": ..., "response": ...} records. The prompt and response are tokenised
-separately and concatenated (put any separator in the text), the response followed by
-EOS; the loss is on the response tokens. PEDRO computes its vectors from the prompt.
+records of one kind:
+
+  {"prompt": ..., "response": ...}
+      The prompt and response are tokenised separately and concatenated (put any
+      separator in the text), the response followed by EOS; the loss is on the response
+      tokens. The prompt is tokenised as /v1/completions tokenises a text prompt.
+  {"messages": [{"role": "system"|"user"|"assistant"|..., "content": ...}, ...]}
+      A chat, rendered with the tokenizer's chat template. Every assistant message after
+      the first message is one example: its prompt is the conversation before it,
+      rendered exactly as vLLM's /v1/chat/completions renders it (apply_chat_template
+      with add_generation_prompt=True, tokenised without added special tokens); its
+      response is the message and what the template writes after it (end-of-turn
+      tokens). The loss is on assistant turns only. A tokenizer without a chat template,
+      or a template that does not render a prompt as a prefix of the longer
+      conversation, is an error.
+
+PEDRO computes its vectors from the prompt, as the server will from the prompt it prefills.
 
 The adapter is written to --output-dir with save_pretrained (adapter_config.json +
 adapter_model.safetensors), with train_metrics.json (loss curve, dev losses, timing).
@@ -67,7 +81,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--model", required=True,
                     help="base model: a local directory with config.json, weights and tokenizer "
                          "(for PEDRO: a family of vllm_pedro/families.py); nothing is downloaded")
-    io.add_argument("--train-file", required=True, help="training data: JSONL of {\"prompt\", \"response\"} records")
+    io.add_argument("--train-file", required=True,
+                    help="training data: JSONL of {\"prompt\", \"response\"} or of {\"messages\": [...]} chat records "
+                         "(one kind per file; see above)")
     io.add_argument("--dev-file", default=None,
                     help="dev data (same format) for periodic evaluation, early stopping and picking the best adapter")
     io.add_argument("--output-dir", required=True, help="directory the adapter and train_metrics.json are written to")
@@ -130,6 +146,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--min-delta", type=float, default=d.min_delta,
                    help="a dev loss must beat the best by more than this to count as an improvement")
 
+    mem = p.add_argument_group("memory")
+    mem.add_argument("--gradient-checkpointing", action="store_true",
+                     help="recompute the base model's decoder layers in backward instead of keeping their activations "
+                          "(PEDRO's generators are recomputed with the same prompt: the gradients do not change)")
+    mem.add_argument("--bf16", action="store_true",
+                     help="bf16 autocast of the forward on the CPU or CUDA (mixed precision); the trainable "
+                          "parameters, their gradients and the optimizer state stay float32")
+
     r = p.add_argument_group("run")
     r.add_argument("--seed", type=int, default=d.seed, help="seed for python, numpy and torch (init and shuffling)")
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
@@ -149,7 +173,8 @@ def run_train(args: argparse.Namespace) -> int:
         bilevel_lr=args.bilevel_lr, bilevel_every=args.bilevel_every, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_len=args.max_len, eval_steps=args.eval_steps, eval_batch_size=args.eval_batch_size,
+        max_len=args.max_len, gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
+        eval_steps=args.eval_steps, eval_batch_size=args.eval_batch_size,
         patience=args.patience, min_delta=args.min_delta, seed=args.seed, dtype=args.dtype,
         device=args.device, progress=not args.no_progress)
     metrics = train(targs)

@@ -25,6 +25,10 @@ class AdapterError(ValueError):
     """A PEDRO adapter that is malformed or does not fit the base model."""
 
 
+class AdapterMissingError(AdapterError):
+    """A PEDRO adapter whose folder or files are not there."""
+
+
 @dataclass
 class BaseShapes:
     """The shapes of the base model an adapter is made for."""

@@ -203,9 +203,11 @@ def build_random_adapters(model_dir: str, seeds_to_dirs: dict[int, str], std: fl
     from .config import PedroConfig
     from .hf.model import get_pedro_model
 
+    from tqdm.auto import tqdm
+
     model = load_model(model_dir)
     pm = get_pedro_model(model, PedroConfig(**config))
-    for seed, out_dir in seeds_to_dirs.items():
+    for seed, out_dir in tqdm(seeds_to_dirs.items(), desc="random PEDRO adapters", disable=len(seeds_to_dirs) < 64):
         randomize_generators(pm, seed, std, rational_std)
         pm.save_pretrained(out_dir)
     return list(seeds_to_dirs.values())

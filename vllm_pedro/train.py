@@ -5,10 +5,16 @@ AdamW with linear warm-up and linear decay, gradient accumulation (the loss is t
 over all response tokens of the accumulated batch, so accumulating k micro-batches gives
 the gradient of one k-times bigger batch), periodic evaluation on a dev file, early
 stopping on dev loss with the best adapter kept, and `save_pretrained` at the end.
+
+Memory: gradient checkpointing of the frozen base model's decoder layers (PEDRO's
+generators are recomputed with their prompt mask in backward: hf/checkpointing.py) and
+bf16 autocast (the forward's matrix products in bfloat16 on the CPU or CUDA; the
+trainable parameters, their gradients and AdamW's state stay float32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,7 +44,7 @@ IA3_FEEDFORWARD = ("down_proj",)
 @dataclass
 class TrainArgs:
     model: str  # base model directory (local)
-    train_file: str  # JSONL of {"prompt", "response"}
+    train_file: str  # JSONL of {"prompt", "response"} or of {"messages"} (chat) records
     output_dir: str  # where the adapter and train_metrics.json go
     dev_file: str | None = None
     method: str = "pedro"  # pedro | lora | ia3
@@ -69,6 +75,9 @@ class TrainArgs:
     batch_size: int = 8  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
     max_len: int = 512
+    # memory
+    gradient_checkpointing: bool = False  # recompute the base model's decoder layers in backward
+    bf16: bool = False  # bf16 autocast of the forward; trainable parameters and optimizer state stay float32
     # evaluation and early stopping
     eval_steps: int | None = None  # None or 0: evaluate at the end of every epoch
     eval_batch_size: int | None = None  # default: batch_size
@@ -105,6 +114,8 @@ class TrainArgs:
                 raise ValueError(f"bilevel_every must be at least 1, got {self.bilevel_every}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"unknown dtype {self.dtype!r}; choose float32, float16 or bfloat16")
+        if self.bf16 and self.dtype == "float16":
+            raise ValueError("bf16 autocast needs a float32 or bfloat16 base model, not float16")
 
 
 def set_seed(seed: int) -> None:
@@ -150,6 +161,22 @@ def wrap_model(model: nn.Module, args: TrainArgs) -> nn.Module:
     return get_peft_model(model, cfg)
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Checkpoint the base model's decoder layers (non-reentrant: the frozen base's inputs
+    need no gradient). PedroModel restores each pass's prompt mask for the recomputation."""
+    if isinstance(model, PedroModel):
+        model.gradient_checkpointing_enable()
+    else:  # peft: its base model's layers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def autocast(model: nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """bf16 (or any) autocast on the model's device type; a no-op context when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -158,7 +185,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def _forward_logits(model: nn.Module, batch: dict[str, torch.Tensor],
                     logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
-    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    # use_cache=False: a training pass needs no KV cache (and checkpointing refuses one)
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     if isinstance(model, PedroModel):  # peft models do not take prompt_lengths
         kwargs["prompt_lengths"] = batch["prompt_lengths"]
     if logits_to_keep is not None:
@@ -166,8 +194,10 @@ def _forward_logits(model: nn.Module, batch: dict[str, torch.Tensor],
     return model(**kwargs).logits
 
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
+                   amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
     """(sum of the next-token cross entropy over the batch's response tokens, their count).
+    `amp_dtype`: autocast the forward to it (bf16 mixed precision); the loss is float32.
 
     Only the positions that predict a response token (in any row) go through the LM
     head (transformers' `logits_to_keep`): with a 49k vocabulary and one-token answers
@@ -176,14 +206,16 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch["labels"][:, 1:]
     keep = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    logits = _forward_logits(model, batch, logits_to_keep=keep)
+    with autocast(model, amp_dtype):
+        logits = _forward_logits(model, batch, logits_to_keep=keep)
     labels = labels[:, keep]
     mask = labels != IGNORE_INDEX
     loss = F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum")
     return loss, int(mask.sum())
 
 
-def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]]) -> float:
+def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, torch.Tensor]],
+                         amp_dtype: torch.dtype | None = None) -> float:
     """Backward over `micro_batches` as one batch: each micro-batch's summed loss is
     divided by the response tokens of all of them, so the accumulated gradient is exactly
     that of the mean loss over the whole group. Returns that mean loss."""
@@ -192,21 +224,22 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[dict[str, tor
         return float("nan")
     total = 0.0
     for b in micro_batches:
-        loss, _ = token_loss_sum(model, b)
-        (loss / n_tokens).backward()
+        loss, _ = token_loss_sum(model, b, amp_dtype)
+        (loss / n_tokens).backward()  # outside autocast, as torch advises
         total += float(loss.detach())
     return total / n_tokens
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, eval_batches: Iterable[dict[str, torch.Tensor]]) -> float:
+def evaluate_loss(model: nn.Module, eval_batches: Iterable[dict[str, torch.Tensor]],
+                  amp_dtype: torch.dtype | None = None) -> float:
     """Mean cross entropy over all response tokens of `eval_batches` (eval mode, no grad)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for b in eval_batches:
-            loss, n = token_loss_sum(model, b)
+            loss, n = token_loss_sum(model, b, amp_dtype)
             total += float(loss)
             count += n
     finally:
@@ -276,7 +309,7 @@ class BilevelUpper:
         return [self.queue.pop(0)]
 
     def step(self, model: nn.Module) -> float:
-        loss = accumulate_gradients(model, self._next_batch())
+        loss = accumulate_gradients(model, self._next_batch(), autocast_dtype(self.args))
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
         self.optimizer.step()
@@ -284,6 +317,10 @@ class BilevelUpper:
         model.zero_grad(set_to_none=True)  # the weights' gradients from the held-out batch are dropped
         self.steps += 1
         return loss
+
+
+def autocast_dtype(args: TrainArgs) -> torch.dtype | None:
+    return torch.bfloat16 if args.bf16 else None
 
 
 def save_adapter(model: nn.Module, output_dir: str) -> None:
@@ -311,12 +348,15 @@ def train(args: TrainArgs, model: nn.Module | None = None, tokenizer=None) -> di
     else:
         model = model.to(device)
     pad_id = pad_token_id(tokenizer)
-    train_examples = encode_records(tokenizer, train_records, args.max_len)
-    dev_examples = encode_records(tokenizer, dev_records, args.max_len) if dev_records else None
+    train_examples = encode_records(tokenizer, train_records, args.max_len, args.progress)
+    dev_examples = encode_records(tokenizer, dev_records, args.max_len, args.progress) if dev_records else None
 
     set_seed(args.seed)  # adapter init does not depend on how loading used the RNG
     model = wrap_model(model, args)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
+    amp = autocast_dtype(args)
     trainable, total_params = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -342,7 +382,7 @@ def train(args: TrainArgs, model: nn.Module | None = None, tokenizer=None) -> di
     eval_bs = args.eval_batch_size or args.batch_size
 
     def dev_loss() -> float:
-        return evaluate_loss(model, batches(dev_examples, eval_bs, pad_id))
+        return evaluate_loss(model, batches(dev_examples, eval_bs, pad_id), amp)
 
     history: list[dict] = []
     evals: list[dict] = []
@@ -376,7 +416,7 @@ def train(args: TrainArgs, model: nn.Module | None = None, tokenizer=None) -> di
             order = torch.randperm(len(train_examples), generator=gen).tolist()
             micro = list(batches(train_examples, args.batch_size, pad_id, order))
             for g in range(0, len(micro), args.grad_accum):
-                loss = accumulate_gradients(model, micro[g:g + args.grad_accum])
+                loss = accumulate_gradients(model, micro[g:g + args.grad_accum], amp)
                 grad_norm = None
                 if args.max_grad_norm and args.max_grad_norm > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))

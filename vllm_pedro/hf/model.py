@@ -151,11 +151,14 @@ class PedroModel(nn.Module):
     # -- forward and generate -------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 prompt_lengths: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
-                **kwargs):
+                labels: torch.Tensor | None = None, **kwargs):
         """One pass that computes the vectors from the prompt tokens and applies them to
         every token. Give `prompt_lengths` ([B], right padding: the first n tokens of row b
         are its prompt) or an explicit `prompt_mask` [B, T]; with neither, every attended
-        token is prompt."""
+        token is prompt. With `labels` ([B, T], -100 where no loss) the output has the base
+        model's `loss` (named here so transformers' Trainer keeps a labels column)."""
+        if labels is not None:
+            kwargs["labels"] = labels
         self.state.prompt_mask = self._prompt_mask(input_ids, attention_mask, prompt_lengths, prompt_mask)
         try:
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -186,6 +189,23 @@ class PedroModel(nn.Module):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self.state.prompt_mask = None
+
+    # -- gradient checkpointing (transformers' API, as Trainer calls it) -------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Checkpoint the frozen base model's decoder layers, non-reentrant, with the
+        prompt mask of each pass restored while backward recomputes it (see
+        checkpointing.py). `kwargs` (every_n_layers, offload) go to transformers."""
+        from .checkpointing import checkpoint_kwargs
+
+        self.base_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=checkpoint_kwargs(self.state, gradient_checkpointing_kwargs), **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.base_model, "is_gradient_checkpointing", False))
 
     @property
     def device(self) -> torch.device:

@@ -1,4 +1,5 @@
-"""PEDRO gather-scale ops: one launch per layer and target over the whole batch.
+"""PEDRO ops: the gather-scale ops (one launch per layer and target over the whole batch)
+and the prefill pooler (`pool_prompts`: every PEDRO prompt of a step pooled in place).
 
 Each token t carries a slot index slot_idx[t], a row of the per-layer vector table
 vectors[S, W]; base-model tokens point at a row of ones and keep their exact bits. (The
@@ -11,6 +12,11 @@ triton, cuda}, else auto: CPU tensors -> torch, CUDA tensors -> triton if import
 else the CUDA op, else torch (logged once). The PEDRO runtime resolves it when it starts
 and calls the chosen functions directly; the module-level functions below check their
 arguments and resolve per call (tests, benchmarks).
+
+The prefill pooler has its own implementations: on the CPU a C++ op built on first use
+(cpu.py; the torch formulation if it cannot be built, or when VLLM_PEDRO_OPS_BACKEND=torch
+is asked for), Triton on the GPU (the torch formulation without Triton: csrc/ has no
+pooling kernel).
 
 Checks here look at shapes, dtypes and devices only, never at values: no host sync,
 so the ops run under CUDA-graph capture with static buffers.
@@ -26,10 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cpu as _cpu
 from . import cuda as _cuda
 from . import reference as _reference
 
-__all__ = ["scale_qkv_", "scale_", "silu_and_mul_scaled", "backend", "backend_name", "Backend",
+__all__ = ["scale_qkv_", "scale_", "silu_and_mul_scaled", "pool_prompts", "backend", "backend_name", "Backend",
            "BackendUnavailableError", "ENV_BACKEND"]
 
 ENV_BACKEND = "VLLM_PEDRO_OPS_BACKEND"
@@ -39,6 +46,7 @@ _SLOT_DTYPES = (torch.int32, torch.int64)
 
 logger = logging.getLogger(__name__)
 _fallback_logged = False
+_pool_fallback_logged = False
 
 
 class BackendUnavailableError(RuntimeError):
@@ -104,20 +112,47 @@ def _resolve(device_type: str) -> str:
 
 @dataclass(frozen=True)
 class Backend:
-    """The three ops of one backend, without argument checks: for callers whose buffers
-    are checked once (the PEDRO runtime)."""
+    """The ops of one backend, without argument checks: for callers whose buffers are
+    checked once (the PEDRO runtime). `pool` names the prefill pooler's implementation."""
 
     name: str
     scale_qkv_: Callable
     scale_: Callable
     silu_and_mul_scaled: Callable
+    pool_prompts: Callable
+    pool: str
+
+
+def _module(name: str):
+    return _triton()[0] if name == "triton" else (_cuda if name == "cuda" else _reference)
+
+
+def _pool(name: str, device_type: str) -> tuple[str, Callable]:
+    """The prefill pooler for backend `name` on `device_type`: (implementation, function)."""
+    global _pool_fallback_logged
+    if name == "triton":
+        return "triton", _triton()[0].pool_prompts
+    if name == "cuda" and _triton()[0] is not None:
+        return "triton", _triton()[0].pool_prompts
+    if device_type == "cpu" and _requested() != "torch":
+        ok, why = _cpu.load()
+        if ok:
+            return "cpu", _cpu.pool_prompts
+        if not _pool_fallback_logged:
+            _pool_fallback_logged = True
+            logger.warning("vllm_pedro.ops: the C++ prefill pooler is unavailable (%s); using the torch "
+                           "formulation (slower)", why)
+    return "torch", _reference.pool_prompts
 
 
 def backend(device) -> Backend:
-    """The backend for tensors on `device`, resolved now (reads VLLM_PEDRO_OPS_BACKEND)."""
-    name = _resolve(torch.device(device).type)
-    mod = _triton()[0] if name == "triton" else (_cuda if name == "cuda" else _reference)
-    return Backend(name, mod.scale_qkv_, mod.scale_, mod.silu_and_mul_scaled)
+    """The backend for tensors on `device`, resolved now (reads VLLM_PEDRO_OPS_BACKEND;
+    on the CPU, builds or loads the C++ prefill pooler once per process)."""
+    device_type = torch.device(device).type
+    name = _resolve(device_type)
+    mod = _module(name)
+    pool, pool_fn = _pool(name, device_type)
+    return Backend(name, mod.scale_qkv_, mod.scale_, mod.silu_and_mul_scaled, pool_fn, pool)
 
 
 def backend_name(device) -> str:
@@ -172,7 +207,7 @@ def scale_qkv_(qkv, vectors, slot_idx, q_size: int, kv_size: int,
     _check_col(v_col, kv_size, vectors, "v")
     if qkv.shape[0] == 0:
         return
-    backend(qkv.device).scale_qkv_(qkv, vectors, slot_idx, q_size, kv_size, q_col, k_col, v_col)
+    _module(_resolve(qkv.device.type)).scale_qkv_(qkv, vectors, slot_idx, q_size, kv_size, q_col, k_col, v_col)
 
 
 def scale_(x, vectors, slot_idx, col: int) -> None:
@@ -182,7 +217,7 @@ def scale_(x, vectors, slot_idx, col: int) -> None:
     _check_col(col, x.shape[1], vectors, "x")
     if x.shape[0] == 0:
         return
-    backend(x.device).scale_(x, vectors, slot_idx, col)
+    _module(_resolve(x.device.type)).scale_(x, vectors, slot_idx, col)
 
 
 def silu_and_mul_scaled(gate_up, vectors, slot_idx, col: int, out=None) -> torch.Tensor:
@@ -203,4 +238,35 @@ def silu_and_mul_scaled(gate_up, vectors, slot_idx, col: int, out=None) -> torch
                              f"gate_up {tuple(gate_up.shape)} {gate_up.dtype} {gate_up.device}")
     if T == 0:
         return out
-    return backend(gate_up.device).silu_and_mul_scaled(gate_up, vectors, slot_idx, col, out)
+    return _module(_resolve(gate_up.device.type)).silu_and_mul_scaled(gate_up, vectors, slot_idx, col, out)
+
+
+def pool_prompts(x, starts, lengths, rows, pooler_code, pool_w, num_tokens: int, out=None) -> torch.Tensor:
+    """Prefill pooler: out[s] = prompt s pooled (float32), prompt s being the tokens
+    x[starts[s] : starts[s] + lengths[s]] of the flat batch, read in place, through the
+    pooler of its generator row rows[s] (pooler_code[rows[s]]: generator.POOLER_CODES;
+    attention scores against pool_w[rows[s]]). pool_w may be None when no prompt's row
+    uses the attention pooler. num_tokens = sum(lengths), known on the host (the torch
+    formulation sizes its per-token arrays with it; no device sync anywhere)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _DTYPES:
+        raise ValueError(f"x must be a 2-D float32/float16/bfloat16 tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x)}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"x needs a contiguous last dim, got strides {x.stride()}")
+    S = starts.shape[0] if isinstance(starts, torch.Tensor) else -1
+    for name, t in (("starts", starts), ("lengths", lengths), ("rows", rows), ("pooler_code", pooler_code)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int64 or t.device != x.device:
+            raise ValueError(f"{name} must be a 1-D int64 tensor on {x.device}")
+    if lengths.shape[0] != S or rows.shape[0] != S:
+        raise ValueError(f"starts, lengths, rows: one entry per prompt, got {S}, {lengths.shape[0]}, {rows.shape[0]}")
+    if pool_w is not None and (pool_w.dim() != 2 or pool_w.shape[1] != x.shape[1] or pool_w.dtype != x.dtype
+                               or pool_w.device != x.device or pool_w.stride(1) != 1):
+        raise ValueError(f"pool_w must be [R, {x.shape[1]}] {x.dtype} on {x.device} with a contiguous last dim")
+    if out is None:
+        out = torch.empty(S, x.shape[1], dtype=torch.float32, device=x.device)
+    elif tuple(out.shape) != (S, x.shape[1]) or out.dtype != torch.float32 or not out.is_contiguous() \
+            or out.device != x.device:
+        raise ValueError(f"out must be a contiguous float32 [{S}, {x.shape[1]}] on {x.device}")
+    if S == 0:
+        return out
+    return backend(x.device).pool_prompts(x, starts, lengths, rows, pooler_code, pool_w, num_tokens, out)

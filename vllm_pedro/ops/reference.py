@@ -8,8 +8,14 @@ their bits. Products are taken in float32 and stored in the activation dtype.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+# The pooler's torch formulation builds CSR tensors, stable since torch 1.13 yet still
+# announced as beta on every new process; the notice says nothing to a PEDRO user.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 def _rows(vectors: torch.Tensor, slot_idx: torch.Tensor, T: int, col: int, width: int) -> torch.Tensor:
@@ -57,3 +63,37 @@ def silu_and_mul_scaled(gate_up, vectors, slot_idx, col, out=None) -> torch.Tens
         u = _scaled(u, _rows(vectors, slot_idx, gate_up.shape[0], col, D))
     y = F.silu(g) * u
     return y if out is None else out.copy_(y)
+
+
+# Pooler codes: vllm_pedro.generator.POOLER_CODES (config.POOLERS order); the ops package
+# does not import the generator, tests check the two agree.
+ATTENTION, LAST, MEAN = 0, 1, 2
+
+
+def pool_prompts(x, starts, lengths, rows, pooler_code, pool_w, num_tokens: int, out) -> torch.Tensor:
+    """The torch formulation of the prefill pooler (the CPU fallback when the C++ op cannot
+    be built, and the torch backend on a GPU): the hidden states are read in place, never
+    gathered. Prompt s is the span x[starts[s] : starts[s] + lengths[s]]; its pooling is
+    a row of weights over those tokens, so all prompts together are one sparse [S, T]
+    matrix (CSR: a row per prompt, its tokens as columns) times x. The attention scores
+    are the sampled product pool_w[rows] @ x.T at the same sparsity pattern. Per-token
+    index arrays here are [num_tokens] integers, built from the spans; num_tokens (the
+    host's sum of lengths) sizes them without a device sync."""
+    S, T, dev = starts.shape[0], x.shape[0], x.device
+    crow = torch.zeros(S + 1, dtype=torch.long, device=dev)
+    torch.cumsum(lengths, 0, out=crow[1:])
+    seg = torch.repeat_interleave(torch.arange(S, device=dev), lengths, output_size=num_tokens)
+    per_token = lambda t: t.index_select(0, seg)  # noqa: E731  (per prompt -> per token)
+    cols = per_token(starts - crow[:-1]) + torch.arange(num_tokens, device=dev)
+    code = per_token(pooler_code.index_select(0, rows))
+    last = (cols == per_token(starts + lengths - 1)).float()
+    w = torch.where(code == MEAN, per_token(1.0 / lengths.float()), last)
+    xf = x if x.dtype == torch.float32 else x.float()  # the sparse products take one dtype
+    csr = lambda v: torch.sparse_csr_tensor(crow, cols, v, (S, T), check_invariants=False)  # noqa: E731
+    if pool_w is not None:
+        s = torch.sparse.sampled_addmm(csr(w), pool_w.index_select(0, rows).float(), xf.T, beta=0).values()
+        s = torch.where(code == ATTENTION, s, 0.0)
+        smax = torch.full((S,), float("-inf"), device=dev).scatter_reduce(0, seg, s, "amax")
+        e = torch.exp(s - per_token(smax))
+        w = torch.where(code == ATTENTION, e / per_token(torch.zeros(S, device=dev).index_add(0, seg, e)), w)
+    return out.copy_(csr(w) @ xf)

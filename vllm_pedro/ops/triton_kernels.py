@@ -124,3 +124,76 @@ def silu_and_mul_scaled(gate_up, vectors, slot_idx, col, out) -> torch.Tensor:
         slot_idx, slot_idx.stride(0), D, max(col, 0), HAS_VEC=has_vec, BLOCK=block,
         num_warps=warps)
     return out
+
+
+# -- the prefill pooler ------------------------------------------------------------------------
+# Pooler codes: vllm_pedro.generator.POOLER_CODES (config.POOLERS order).
+_ATTENTION, _LAST = tl.constexpr(0), tl.constexpr(1)  # jit functions may read constexpr globals only
+
+
+@triton.jit
+def _pool_kernel(x_ptr, x_stride, start_ptr, len_ptr, row_ptr, code_ptr, w_ptr, w_stride, out_ptr, out_stride, d,
+                 HAS_W: tl.constexpr, ONE_BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (prompt s, column block): one pass over the prompt's tokens, read in place.
+    Every pooler is a softmax over the prompt's tokens: attention with scores x . pool_w,
+    mean with scores 0 (uniform weights), last with the span cut to its final token. The
+    softmax is online (running max m and sum l, the accumulator rescaled as m grows), so
+    the weighted sum needs no second pass. (tl.sum / tl.max are triton.language's own jit
+    functions: interpreted, this runs only if triton was imported with TRITON_INTERPRET=1
+    already set, as tests/conftest.py arranges; _get's re-decoration cannot fix those.
+    The other way round, this dynamic-bound loop does not compile in a process whose
+    triton was imported interpreted: tests/test_cuda_source.py compiles it in a fresh one.)"""
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    start = tl.load(start_ptr + s).to(tl.int64)
+    n = tl.load(len_ptr + s).to(tl.int64)
+    row = tl.load(row_ptr + s).to(tl.int64)
+    code = tl.load(code_ptr + row)
+    first = tl.where(code == _LAST, n - 1, 0)
+    w_row = w_ptr + row * w_stride
+    # (code + 0 * cols): a per-column copy, because the interpreter turns bool-block &
+    # bool-scalar into an int32 mask that tl.load rejects (as in _scale3_kernel).
+    if HAS_W and ONE_BLOCK:  # all of d in this program: the scores come from the same tile
+        w = tl.load(w_row + cols, mask=cmask & ((code + 0 * cols) == _ATTENTION), other=0.0).to(tl.float32)
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for t0 in range(first, n, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tmask = t < n
+        x_rows = x_ptr + (start + t)[:, None] * x_stride
+        xt = tl.load(x_rows + cols[None, :], mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        score = tl.zeros((BLOCK_T,), tl.float32)
+        if HAS_W:
+            if ONE_BLOCK:
+                score = tl.sum(xt * w[None, :], axis=1)
+            else:  # d spans several programs: each computes the full scores over all of d
+                for k0 in range(0, d, BLOCK_D):
+                    k = k0 + tl.arange(0, BLOCK_D)
+                    kmask = k < d
+                    wk = tl.load(w_row + k, mask=kmask & ((code + 0 * k) == _ATTENTION), other=0.0).to(tl.float32)
+                    xk = tl.load(x_rows + k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                    score += tl.sum(xk * wk[None, :], axis=1)
+        score = tl.where(tmask, score, float("-inf"))
+        m_new = tl.maximum(m, tl.max(score, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(score - m_new)
+        l = l * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * xt, axis=0)
+        m = m_new
+    tl.store(out_ptr + s * out_stride + cols, acc / l, mask=cmask)
+
+
+def pool_prompts(x, starts, lengths, rows, pooler_code, pool_w, num_tokens, out, block_d: int = 1024):
+    S, d = out.shape
+    if S == 0 or d == 0:
+        return out
+    block = min(triton.next_power_of_2(d), block_d)
+    block_t = max(1, min(16, 8192 // block))  # a tile of at most 8K floats
+    has_w = pool_w is not None
+    w = pool_w if has_w else out  # a real pointer, never read
+    _get(_pool_kernel)[(S, triton.cdiv(d, block))](
+        x, x.stride(0), starts, lengths, rows, pooler_code, w, w.stride(0), out, out.stride(0), d,
+        HAS_W=has_w, ONE_BLOCK=block >= d, BLOCK_T=block_t, BLOCK_D=block, num_warps=4 if block <= 256 else 8)
+    return out

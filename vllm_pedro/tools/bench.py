@@ -89,6 +89,17 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pedro-targets", nargs="+", default=["q", "v", "up"], help="PEDRO targets")
     p.add_argument("--max-pedro-adapters", type=int, default=None,
                    help="PEDRO device adapter rows (default: min(N, --max-num-seqs))")
+    p.add_argument("--store-size", type=int, default=None,
+                   help="adapters kept in host memory: PEDRO's --max-cpu-pedro-adapters and LoRA's max_cpu_loras "
+                        "(default: N, every tenant). Smaller than N: cold tenants, read from disk when asked for")
+    p.add_argument("--warm", choices=("all", "shape"), default="all",
+                   help="warm-up: every tenant once and the batch's shape (all), or only the shape with a few "
+                        "tenants (shape: the host caches start empty, as after a restart)")
+    p.add_argument("--adapter-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the adapters written to disk (bfloat16 halves the disk for 10,000s of tenants; "
+                        "the engines serve in --dtype)")
+    p.add_argument("--chunked-prefill", choices=("default", "off"), default="default",
+                   help="vLLM's chunked prefill for every engine: as vLLM sets it (on) or off")
     p.add_argument("--max-num-seqs", type=int, default=64, help="vLLM max_num_seqs (batch size bound)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts, assignment and adapters")
@@ -132,7 +143,8 @@ def assignment(kind: str, n_requests: int, n_tenants: int, seed: int, zipf_s: fl
     raise ValueError(f"unknown assignment {kind!r}")
 
 
-def make_pedro_adapters(model_dir: str, n: int, rank: int, targets, out: str, seed: int) -> str:
+def make_pedro_adapters(model_dir: str, n: int, rank: int, targets, out: str, seed: int,
+                        dtype: str = "float32") -> str:
     """n random adapters under out/ named tenant-<i> (an adapter directory); kept if there.
     Vectors 1 + small (std 0.05 weights), the rational activation jittered around GELU."""
     from vllm_pedro.testing import build_random_adapters
@@ -140,11 +152,13 @@ def make_pedro_adapters(model_dir: str, n: int, rank: int, targets, out: str, se
     todo = {seed * 7919 + t: os.path.join(out, f"tenant-{t}") for t in range(n)
             if not os.path.isfile(os.path.join(out, f"tenant-{t}", "adapter_model.safetensors"))}
     if todo:
-        build_random_adapters(model_dir, todo, std=0.05, rational_std=0.01, r=rank, targets=tuple(targets))
+        build_random_adapters(model_dir, todo, std=0.05, rational_std=0.01, r=rank, targets=tuple(targets),
+                              dtype=dtype)
     return out
 
 
-def make_lora_adapters(model_dir: str, n: int, rank: int, targets: str, out: str, seed: int) -> list[str]:
+def make_lora_adapters(model_dir: str, n: int, rank: int, targets: str, out: str, seed: int,
+                       dtype: str = "float32") -> list[str]:
     """n random peft LoRA adapters (A and B random, so non-zero and distinct); kept if there."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -157,12 +171,19 @@ def make_lora_adapters(model_dir: str, n: int, rank: int, targets: str, out: str
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS[targets],
                      bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
+    if dtype != "float32":
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(getattr(torch, dtype))
     for t, path in enumerate(paths):
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            continue
         gen = torch.Generator().manual_seed(seed * 104729 + t)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_A" in name or "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * (0.02 if "lora_B" in name else 0.05))
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+                            * (0.02 if "lora_B" in name else 0.05))
         model.save_pretrained(path)
     return paths
 
@@ -202,7 +223,11 @@ class _Engine:
         self.spec, self.method = spec, spec["method"].split("-")[0]  # pedro-op is pedro
         common = dict(dtype=spec["dtype"], seed=spec["seed"], enforce_eager=spec["enforce_eager"],
                       max_num_seqs=spec["max_num_seqs"], max_model_len=spec["max_model_len"],
-                      enable_prefix_caching=False)
+                      enable_prefix_caching=spec.get("prefix_caching", False),
+                      disable_log_stats=not spec.get("log_stats", False))
+        if spec.get("chunked_prefill", "default") == "off":
+            common["enable_chunked_prefill"] = False
+        store = spec.get("store_size") or spec["num_tenants"]
         t0 = time.perf_counter()
         n = spec["num_tenants"]
         if spec["method"] == "pedro-old":
@@ -217,18 +242,18 @@ class _Engine:
         elif self.method == "pedro":
             import vllm_pedro
             self.llm = vllm_pedro.LLM(spec["model"], enable_pedro=True, max_pedro_adapters=spec["pedro_rows"],
-                                      max_cpu_pedro_adapters=max(n, spec["pedro_rows"]),
+                                      max_cpu_pedro_adapters=max(store, spec["pedro_rows"]),
                                       max_pedro_rank=spec["pedro_rank"], pedro_targets=tuple(spec["pedro_targets"]),
                                       pedro_adapter_dir=spec["adapter_dir"], **common)
             self.reqs = [f"tenant-{t}" for t in range(n)]
         elif self.method == "lora":
             from vllm.lora.request import LoRARequest
-            self.llm = vllm.LLM(spec["model"], enable_lora=True, max_loras=min(n, spec["max_loras_cap"]),
-                                max_cpu_loras=n, max_lora_rank=spec["lora_rank"], enable_chunked_prefill=False,
-                                **common)
+            max_loras = min(n, spec["max_loras_cap"])
+            self.llm = vllm.LLM(spec["model"], enable_lora=True, max_loras=max_loras,
+                                max_cpu_loras=max(store, max_loras), max_lora_rank=spec["lora_rank"], **common)
             self.reqs = [LoRARequest(f"tenant-{t}", t + 1, p) for t, p in enumerate(spec["lora_paths"])]
         else:
-            self.llm = vllm.LLM(spec["model"], enable_chunked_prefill=False, **common)
+            self.llm = vllm.LLM(spec["model"], **common)
             self.reqs = None
         self.init_s = time.perf_counter() - t0
 
@@ -276,6 +301,19 @@ class _Engine:
         self._call(prompts, tenants, 2)  # every tenant once: adapters read into host memory
         self._call(shape_prompts, shape_tenants, min(8, output_len))  # the timed batch's shapes
         return {"warmup_s": time.perf_counter() - t0, **self.stats()}
+
+    def run_turn(self, prompts, tenants, output_len) -> dict:
+        """One turn of every conversation, sent together: the wall time, each request's time
+        to first token (vLLM's own, log_stats on) and cached prompt tokens, and the answers
+        (the next turn's history)."""
+        t0 = time.perf_counter()
+        outs = self._call(prompts, tenants, output_len)
+        wall = time.perf_counter() - t0
+        return {"wall_s": wall, "ttft_s": [o.metrics.first_token_latency for o in outs],
+                "cached_tokens": [o.num_cached_tokens or 0 for o in outs],
+                "answers": [list(o.outputs[0].token_ids) for o in outs],
+                "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+                "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs)}
 
     def run_pass(self, prompts, tenants, output_len) -> dict:
         reads0 = self.stats().get("disk_reads")
@@ -408,16 +446,19 @@ def _run(args, work) -> dict:
     if any(m.startswith("pedro") for m in args.methods):
         _log(f"{max_n} random PEDRO adapters (r={args.pedro_rank})")
         adapter_dir = make_pedro_adapters(model_dir, max_n, args.pedro_rank, args.pedro_targets,
-                                          os.path.join(work, f"pedro-r{args.pedro_rank}"), args.seed)
+                                          os.path.join(work, f"pedro-r{args.pedro_rank}-{args.adapter_dtype}"),
+                                          args.seed, args.adapter_dtype)
     if "lora" in args.methods:
         _log(f"{max_n} random LoRA adapters (r={args.lora_rank}, {args.lora_targets})")
         lora_paths = make_lora_adapters(model_dir, max_n, args.lora_rank, args.lora_targets,
-                                        os.path.join(work, f"lora-r{args.lora_rank}-{args.lora_targets}"), args.seed)
+                                        os.path.join(work, f"lora-r{args.lora_rank}-{args.lora_targets}-"
+                                                           f"{args.adapter_dtype}"), args.seed, args.adapter_dtype)
     base_spec = dict(model=model_dir, dtype=args.dtype, seed=args.seed, enforce_eager=args.enforce_eager,
                      max_num_seqs=args.max_num_seqs, max_model_len=args.input_len + args.output_len + 8,
                      kv_cache_space=args.kv_cache_space, pedro_rank=args.pedro_rank,
                      pedro_targets=args.pedro_targets, adapter_dir=adapter_dir, lora_rank=args.lora_rank,
-                     max_loras_cap=args.max_loras_cap, pedro_old=args.pedro_old)
+                     max_loras_cap=args.max_loras_cap, pedro_old=args.pedro_old, store_size=args.store_size,
+                     chunked_prefill=args.chunked_prefill)
 
     def start(method: str, n: int) -> EngineProcess:
         rows = args.max_pedro_adapters or min(n, args.max_num_seqs)
@@ -445,9 +486,10 @@ def _run(args, work) -> dict:
                 if m == "bare":
                     warm[m] = bare_warm
                     continue
-                every = make_prompts(vocab, n, args.input_len, args.seed + 2)
-                warm[m] = e.call("warmup", prompts=every, tenants=list(range(n)), shape_prompts=shape,
-                                 shape_tenants=[i % n for i in range(len(shape))], output_len=args.output_len)
+                k = n if args.warm == "all" else min(n, 4)  # "shape": a few tenants, the caches stay cold
+                every = make_prompts(vocab, k, args.input_len, args.seed + 2)
+                warm[m] = e.call("warmup", prompts=every, tenants=list(range(k)), shape_prompts=shape,
+                                 shape_tenants=[i % k for i in range(len(shape))], output_len=args.output_len)
                 _log(f"{m} N={n} warmed up in {warm[m]['warmup_s']:.1f} s")
             for a in args.assign:
                 runs.append(_measure(args, engines, warm, vocab, n, a))

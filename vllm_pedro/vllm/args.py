@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..config import TARGETS
+from .request import tenant_name_problem
 
 ADDITIONAL_CONFIG_KEY = "pedro"
 SCHEDULER_CLS = "vllm_pedro.vllm.scheduler.PedroScheduler"
@@ -49,6 +50,8 @@ class PedroArgs:
     targets: tuple[str, ...] = ("q", "v", "up")
     modules: list[PedroModule] = field(default_factory=list)
     adapter_dir: str | None = None  # tenants resolved by name: adapter_dir/NAME
+    metrics_tenant_labels: int = 0  # tenants with their own /metrics label (0: none)
+    stats_path: str | None = None  # where the engine core writes PEDRO's numbers for /metrics (metrics.py)
 
     def __post_init__(self):
         targets = tuple(self.targets)
@@ -65,6 +68,12 @@ class PedroArgs:
                              f"max_pedro_adapters ({self.max_adapters}): the device cache is fed from the host store")
         if self.max_rank < 1:
             raise ValueError("max_pedro_rank must be >= 1")
+        if self.metrics_tenant_labels < 0:
+            raise ValueError("pedro_metrics_tenant_labels must be >= 0")
+        for m in self.modules:
+            problem = tenant_name_problem(m.name)
+            if problem:
+                raise ValueError(f"--pedro-modules: the tenant name {m.name!r} {problem}")
         names = [m.name for m in self.modules]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate PEDRO adapter names in {names}")
@@ -99,6 +108,10 @@ def engine_kwargs(args: PedroArgs, device: str) -> dict:
 
 def merge_engine_kwargs(kwargs: dict, args: PedroArgs, device: str) -> dict:
     """`kwargs` (vLLM engine arguments) with PEDRO's set; refuses settings PEDRO overrides."""
+    if args.stats_path is None:
+        from .metrics import default_stats_path
+
+        args.stats_path = default_stats_path()  # this front end reads what the engine core writes there
     extra = engine_kwargs(args, device)
     for key in ("worker_cls", "scheduler_cls"):
         if kwargs.get(key) not in (None, "auto", extra[key]):
@@ -141,6 +154,9 @@ def add_cli_args(parser) -> None:
     g.add_argument("--pedro-targets", nargs="+", default=list(d.targets), metavar="TARGET",
                    help=f"Projections whose outputs PEDRO vectors may scale, any of {' '.join(TARGETS)} (space or "
                         "comma separated); adapters with other targets are refused.")
+    g.add_argument("--pedro-metrics-tenant-labels", type=int, default=d.metrics_tenant_labels, metavar="N",
+                   help="Give the first N tenants their own `tenant` label on vllm:pedro_tenant_requests_total in "
+                        "/metrics (the rest are counted as __other__). 0 (default): no per-tenant series.")
     g.add_argument("--pedro-allowed-roots", nargs="+", default=[], metavar="DIR",
                    help="Directories from which POST /v1/load_pedro_adapter may load adapters (the real path "
                         "of every file of an adapter must lie inside one). None: no runtime loading. Runtime "
@@ -165,7 +181,7 @@ def apply_cli_args(args: argparse.Namespace, device: str | None = None) -> Pedro
     pargs = PedroArgs(max_adapters=args.max_pedro_adapters, max_cpu_adapters=args.max_cpu_pedro_adapters,
                       max_rank=args.max_pedro_rank, targets=targets,
                       modules=[PedroModule.parse(m) for m in (args.pedro_modules or [])],
-                      adapter_dir=args.pedro_adapter_dir)
+                      adapter_dir=args.pedro_adapter_dir, metrics_tenant_labels=args.pedro_metrics_tenant_labels)
     lora_names = {m.name for m in (getattr(args, "lora_modules", None) or [])}
     clash = sorted(lora_names & {m.name for m in pargs.modules})
     if clash:

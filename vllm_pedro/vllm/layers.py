@@ -31,8 +31,8 @@ import os
 import torch
 from torch import nn
 
-from ..generator import generate_vectors
 from ..ops import reference
+from ..prefill import write_vectors
 
 PREFILL_OP, SCALE_QKV_OP = "pedro_prefill", "pedro_scale_qkv"
 SILU_MUL_OP, SCALE_UP_OP = "pedro_silu_and_mul", "pedro_scale_up"
@@ -63,9 +63,7 @@ def pedro_prefill(x: torch.Tensor, slots: torch.Tensor, layer: int) -> None:
     step = rt.step if rt is not None else None
     if step is None:
         return
-    g = rt.adapters.layer(layer, step.poolers, step.activations)
-    vec = generate_vectors(x[step.token_idx], step.seg, step.seg_row, g)
-    slots[layer].index_copy_(0, step.seg_slot, vec.to(slots.dtype))
+    write_vectors(slots[layer], x, step, rt.adapters.layer(layer, step.poolers, step.activations), rt.ops.pool_prompts)
 
 
 def pedro_scale_qkv(qkv: torch.Tensor, layer: int) -> None:
@@ -119,19 +117,23 @@ class PedroQKVProj(nn.Module):
         self.rt = runtime  # a plain attribute: not a submodule, no parameters
 
     def forward(self, x):
-        out, bias = self.base_layer(x)
-        return self.scaled(x, out), bias
-
-    def scaled(self, x, out):
-        """x [T, d] (what q/k/v read), out [T, q + 2 kv]."""
         rt = self.rt
         if rt.mode == "eager":
+            out, bias = self.base_layer(x)
             if rt.step is not None:
                 pedro_prefill(x, rt.slots.vectors, self.layer)
             rt.ops.scale_(out, rt.slots.vectors[self.layer], rt.token_slot, 0)  # the row's [q | k | v] block
-            return out
+            return out, bias
+        # Compiled: the generator reads x before the projection does, so the projection is x's
+        # last reader, as in the bare graph, and Inductor can hand x's buffer on after it.
         torch.ops.vllm.pedro_prefill(x, rt.slots.vectors, self.layer)
-        if rt.mode == "trace" or not self.scale_op:  # out of place: a product torch.compile fuses
+        out, bias = self.base_layer(x)
+        return self.compiled_scaled(out), bias
+
+    def compiled_scaled(self, out):
+        rt = self.rt
+        if rt.mode == "trace" or not self.scale_op:
+            # out of place: a plain product torch.compile fuses into what reads qkv
             return reference.scaled(out, rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]], 0)
         torch.ops.vllm.pedro_scale_qkv(out, self.layer)
         return out
@@ -210,8 +212,16 @@ class PedroQKVProjBatched(PedroQKVProj):
         _carry_split_sizes(self, base)
 
     def forward(self, x):
-        flat = x.reshape(-1, x.shape[-1])
-        return self.scaled(flat, self.base_layer(flat)).view(*x.shape[:-1], -1)
+        rt, flat = self.rt, x.reshape(-1, x.shape[-1])
+        if rt.mode == "eager":
+            out = self.base_layer(flat)
+            if rt.step is not None:
+                pedro_prefill(flat, rt.slots.vectors, self.layer)
+            rt.ops.scale_(out, rt.slots.vectors[self.layer], rt.token_slot, 0)
+        else:
+            torch.ops.vllm.pedro_prefill(flat, rt.slots.vectors, self.layer)
+            out = self.compiled_scaled(self.base_layer(flat))
+        return out.view(*x.shape[:-1], -1)
 
 
 class PedroSiluAndMulBatched(PedroSiluAndMul):

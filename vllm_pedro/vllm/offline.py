@@ -97,6 +97,9 @@ class LLM(vllm.LLM):
             self._prefix_caching = bool(cfg.cache_config.enable_prefix_caching)
             self._pedro_secret = secrets.token_hex(16)  # salts tenants' cached KV (request.cache_salt)
             self._pedro_names: dict[str, PedroRequest] = {}  # tenants resolved by name
+            from .metrics import watch_engine
+
+            watch_engine(self.pedro_args.stats_path, cfg.model_config.served_model_name)  # llm.get_metrics()
 
     def pedro_request(self, name: str) -> PedroRequest:
         """The tenant `name` of pedro_adapter_dir (one id per name for this LLM's life)."""

@@ -13,7 +13,8 @@ applied by `enable_pedro()`, called when --enable-pedro is parsed or a PEDRO ser
 starts; overrides live in classes only a PEDRO engine uses); "pedro-lora" ones only in a
 PEDRO worker with vLLM's LoRA on the CPU (`enable_pedro_lora()`); "always" entries are
 inert without --enable-pedro. A vLLM user with this package installed and PEDRO off runs stock
-vLLM: `vllm.LLM` is vLLM's class and no vLLM function is wrapped but EngineArgs' parser.
+vLLM: `vllm.LLM` is vLLM's class and no vLLM function is wrapped but EngineArgs' parser and
+the serve command's exit code (both inert without --enable-pedro).
 """
 
 from __future__ import annotations
@@ -105,6 +106,40 @@ def _check_engine_args_flags() -> None:
     src = inspect.getsource(EngineArgs.from_cli_args.__func__ if not _wrapped(EngineArgs.from_cli_args)
                             else EngineArgs.from_cli_args.__wrapped__)
     assert "dataclasses.fields" in src or "fields(" in src, "EngineArgs.from_cli_args no longer copies fields"
+
+
+def _apply_serve_exit_code() -> None:
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    original = ServeSubcommand.cmd  # a staticmethod: the function itself
+    if _wrapped(original):
+        return
+
+    def cmd(args):
+        original(args)
+        if getattr(args, "enable_pedro", False):
+            from .serving import engine_died
+
+            if engine_died():
+                logger.error("vLLM's engine died (it was not shut down); exiting with code 1")
+                raise SystemExit(1)
+
+    cmd._pedro_wrapped = True
+    cmd.__wrapped__ = original
+    ServeSubcommand.cmd = staticmethod(cmd)
+
+
+def _check_serve_exit_code() -> None:
+    from vllm.entrypoints.cli import main as cli_main
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    assert isinstance(inspect.getattr_static(ServeSubcommand, "cmd"), staticmethod), "ServeSubcommand.cmd is no " \
+        "staticmethod"
+    _source_has(cli_main.main, "set_defaults(dispatch_function=cmd.cmd)", "vllm.entrypoints.cli.main.main")
+    from vllm.v1.engine.utils import CoreEngineProcManager
+
+    _source_has(CoreEngineProcManager.monitor_engine_liveness, "self.failed_proc_name = proc.name",
+                "CoreEngineProcManager.monitor_engine_liveness")
 
 
 def _apply_add_request() -> None:
@@ -368,6 +403,7 @@ def _check_scheduler() -> None:
     _params(Scheduler._handle_blocked_waiting_request, "request", where="Scheduler._handle_blocked_waiting_request")
     _source_has(Scheduler.schedule, "self._handle_blocked_waiting_request(request)", "Scheduler.schedule")
     for name, params in {"add_request": ["request"], "finish_requests": ["request_ids", "finished_status"],
+                         "_free_request": ["request"],
                          "update_from_output": ["scheduler_output", "model_runner_output"], "schedule": []}.items():
         _params(getattr(Scheduler, name), *params, where=f"Scheduler.{name}")
     fields = SchedulerOutput.__dataclass_fields__
@@ -455,6 +491,11 @@ REGISTER: list[Patch] = [
           "vllm-pedro serve); from_cli_args copies only dataclass fields, so --enable-pedro is turned into "
           "engine arguments first (args.apply_cli_args) and switches this process's PEDRO wraps on. Inert "
           "without --enable-pedro.", _check_engine_args_flags, _apply_engine_args_flags),
+    Patch("serve_exit_code", "vllm.entrypoints.cli.serve.ServeSubcommand.cmd (+ reads CoreEngineProcManager"
+          ".failed_proc_name)", "wrap", "always", "vLLM's serve command returns normally when its engine died, so "
+          "`vllm serve` exits 0 after an engine crash, like after a clean SIGTERM. With --enable-pedro a dead "
+          "engine (a process of it exited non-zero while nobody stopped it) makes it exit 1. Inert without "
+          "--enable-pedro.", _check_serve_exit_code, _apply_serve_exit_code),
     Patch("async_llm_pedro_requests", "vllm.v1.engine.async_llm.AsyncLLM.add_request", "wrap", "pedro",
           "Where every server request enters the engine client: a tenant (a PedroLoRARequest) becomes a PEDRO "
           "request (request.with_pedro, a salted prompt, no LoRA request); clients' vllm_xargs under the PEDRO "
@@ -497,8 +538,9 @@ REGISTER: list[Patch] = [
           "so the live runner's class is swapped there.", _check_runner_swap),
     Patch("input_batch", "vllm.v1.worker.gpu_input_batch.InputBatch.req_ids/num_reqs/req_id_to_index", "read",
           "pedro", "The batch order of requests, for the token -> slot map.", _check_input_batch),
-    Patch("scheduler_hooks", "vllm.v1.core.sched.scheduler.Scheduler._handle_blocked_waiting_request (+ "
-          "add_request, finish_requests, schedule, update_from_output; SchedulerOutput fields)", "override",
+    Patch("scheduler_hooks", "vllm.v1.core.sched.scheduler.Scheduler._handle_blocked_waiting_request, "
+          "_free_request (+ add_request, finish_requests, schedule, update_from_output; SchedulerOutput fields)",
+          "override",
           "pedro", "The PEDRO scheduler (scheduler_cls; vLLM calls its interface not public): adapters loaded "
           "while requests wait, distinct adapters per step bounded by the device rows, the PedroStepPlan "
           "attached to the scheduler output, failed requests finished alone.", _check_scheduler),

@@ -22,6 +22,27 @@ ERROR_PREFIX = "PEDRO adapter"
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
+MAX_NAME_CHARS = 256
+NAME_RULE = (f"a tenant name is printable text (no control, format or line-separator characters), with no "
+             f"leading or trailing whitespace, of 1 to {MAX_NAME_CHARS} characters")
+
+
+def tenant_name_problem(name) -> str | None:
+    """What is wrong with a tenant name, or None. One rule for --pedro-modules, runtime
+    loads, --pedro-adapter-dir names and the offline API: a name reaches logs and
+    /metrics labels, so it must not be able to forge a log line."""
+    if not isinstance(name, str) or not name:
+        return f"is empty or not a string ({NAME_RULE})"
+    if len(name) > MAX_NAME_CHARS:
+        return f"has {len(name)} characters ({NAME_RULE})"
+    if not name.isprintable():
+        bad = next(c for c in name if not c.isprintable())
+        return f"holds the non-printable character {bad!r} ({NAME_RULE})"
+    if name != name.strip():
+        return f"has leading or trailing whitespace ({NAME_RULE})"
+    return None
+
+
 @dataclass(frozen=True)
 class PedroRequest:
     """Which adapter a request uses: a unique name, a unique positive integer id, the
@@ -34,8 +55,9 @@ class PedroRequest:
     digest: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"PedroRequest name must be a non-empty string, got {self.name!r}")
+        problem = tenant_name_problem(self.name)
+        if problem:
+            raise ValueError(f"PedroRequest name {self.name!r} {problem}")
         if not isinstance(self.int_id, int) or isinstance(self.int_id, bool) or self.int_id < 1:
             raise ValueError(f"PedroRequest int_id must be a positive integer, got {self.int_id!r}")
         if not isinstance(self.path, str) or not self.path:

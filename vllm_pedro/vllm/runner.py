@@ -1,4 +1,4 @@
-"""The worker side of PEDRO: the per-step token -> slot map and the prefill segments.
+"""The worker side of PEDRO: the per-step token -> slot map and the prefill spans.
 
 `PedroRuntime` owns the vector slots and the device adapter cache of one worker.
 `PedroRunnerMixin` is mixed into vLLM's model runner (GPUModelRunner or CPUModelRunner)
@@ -7,14 +7,13 @@ by worker.py and follows three of its steps (private hooks, listed in patches.RE
                      allocate slots and adapter rows
   _update_states  -> free the slots of finished and preempted requests; apply the
                      scheduler's PedroStepPlan (row writes, slots of new prefills)
-  _prepare_inputs -> this step's token -> slot map and the prefill segments
+  _prepare_inputs -> this step's token -> slot map and the prefill spans (prefill.PrefillStep)
 
 Decode-only steps cost array operations only (StepMap).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from itertools import repeat
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from .. import ops
 from ..config import BaseShapes
 from ..families import Family, architecture_of_config, check_targets
+from ..prefill import PrefillStep
 from .adapters import DeviceAdapterCache
 from .args import PedroArgs
 from .layers import real_linear, scaling_mode, set_runtime, wrap_model
@@ -30,20 +30,8 @@ from .layout import ShardLayout
 from .slots import SlotPool
 
 
-@dataclass
-class PrefillStep:
-    """The PEDRO prefill work of one step (None for decode-only steps and dummy runs)."""
-
-    token_idx: torch.Tensor  # [N] prompt tokens' rows in the flat batch
-    seg: torch.Tensor  # [N] which prefill request each belongs to
-    seg_row: torch.Tensor  # [R] device adapter row per prefill request
-    seg_slot: torch.Tensor  # [R] vector slot per prefill request
-    poolers: frozenset[str]
-    activations: frozenset[str]
-
-
 class StepMap:
-    """Which slot row each token of a step reads, and the step's prefill segments.
+    """Which slot row each token of a step reads, and the step's prefill spans.
 
     A request's slot is kept in a dict from its prefill until it finishes or is preempted
     (vLLM keeps request_lora_mapping the same way); the per-request slot array in batch
@@ -93,7 +81,7 @@ class StepMap:
         return None if plan is None else self._prefill_step(req_id_to_index, plan, num_sched)
 
     def _prefill_step(self, req_id_to_index, plan, num_sched: np.ndarray) -> PrefillStep:
-        starts = np.concatenate([[0], np.cumsum(num_sched)])
+        offsets = np.concatenate([[0], np.cumsum(num_sched)])  # each request's first token in the flat batch
         idx = np.array([req_id_to_index[r] for r in plan.prefills], dtype=np.int64)
         rows = np.array([row for row, _ in plan.prefills.values()], dtype=np.int64)
         lens = np.array([plen for _, plen in plan.prefills.values()], dtype=np.int64)
@@ -102,11 +90,7 @@ class StepMap:
             raise RuntimeError(f"PEDRO: {int(short.sum())} prompt(s) were not scheduled whole in one step; the PEDRO "
                                "scheduler admits a PEDRO prompt only with room for all of it (scheduler.step_room)")
         slots = np.array([self.slots.owner[r] for r in plan.prefills], dtype=np.int64)
-        seg = np.repeat(np.arange(len(lens)), lens)
-        offsets = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        tok = np.repeat(starts[idx], lens) + offsets
-        dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
-        return PrefillStep(dev(tok), dev(seg), dev(rows), dev(slots), plan.poolers, plan.activations)
+        return PrefillStep.from_host(offsets[idx], lens, rows, slots, plan.poolers, plan.activations, self.device)
 
 
 def check_family(hf_config, args: PedroArgs) -> Family:
@@ -118,7 +102,6 @@ def check_family(hf_config, args: PedroArgs) -> Family:
 class PedroRuntime:
     def __init__(self, runner, args: PedroArgs):
         from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-
         from vllm.model_executor.layers.linear import QKVParallelLinear
 
         family = check_family(runner.model_config.hf_config, args)
@@ -162,7 +145,7 @@ class PedroRuntime:
                         plan.prefills if plan is not None else ())
 
     def prepare_step(self, batch, num_scheduled_tokens: np.ndarray) -> None:
-        """After vLLM's _prepare_inputs: this step's token -> slot map and prefill segments."""
+        """After vLLM's _prepare_inputs: this step's token -> slot map and prefill spans."""
         n = batch.num_reqs
         plan, self._plan = self._plan, None
         self.step = self.map.prepare(batch.req_ids[:n], batch.req_id_to_index, num_scheduled_tokens[:n], plan)

@@ -36,6 +36,7 @@ from vllm.v1.request import RequestStatus
 
 from ..config import BaseShapes
 from .args import PedroArgs
+from .metrics import SnapshotWriter, TenantCounter
 from .request import ERROR_PREFIX, PedroRequest, pedro_request_of
 from .store import AdapterWeights, HostAdapterStore, State, default_capacity
 
@@ -123,8 +124,28 @@ class PedroSchedulerMixin:
         # The most prompt tokens one step can prefill for a PEDRO request.
         self.pedro_max_prompt = min(self.max_num_scheduled_tokens, sc.max_num_batched_tokens,
                                     *([threshold] if threshold > 0 else []))
+        self._pedro_waiting_for_adapter: set[str] = set()
+        self._pedro_finished: dict[str, int] = {}  # finish reason -> PEDRO requests
+        self._pedro_tenants = TenantCounter(self.pedro_args.metrics_tenant_labels)
+        self._pedro_metrics = SnapshotWriter(self.pedro_args.stats_path, self.pedro_snapshot) \
+            if self.pedro_args.stats_path else None
         logger.info("PEDRO: host adapter store of %d adapters%s, %d device rows", capacity,
                     " (pinned memory)" if pin else "", self.pedro_args.max_adapters)
+
+    def pedro_snapshot(self) -> dict:
+        """PEDRO's numbers for /metrics (metrics.py), read by the snapshot thread: each value
+        is a counter or a length read in one step, so no lock of the scheduler is needed."""
+        store = self.pedro_store
+        with store._lock:
+            st = store.stats
+            snap = {"store_adapters": store.num_resident, "store_capacity": store.capacity,
+                    "store_hits": st.hits, "store_misses": st.misses, "disk_reads": st.disk_reads,
+                    "evictions": st.evictions, "failures": dict(st.failures_by_cause),
+                    "load_seconds": st.load_hist.to_dict()}
+        snap.update(device_rows_used=len(self.pedro_rows.row_of), device_rows=self.pedro_rows.num_rows,
+                    waiting_for_adapter=len(self._pedro_waiting_for_adapter), running=len(self.pedro_requests),
+                    finished=dict(self._pedro_finished), tenants=dict(self._pedro_tenants.counts))
+        return snap
 
     # -- arrivals and departures ------------------------------------------------------------
     def add_request(self, request) -> None:
@@ -142,20 +163,26 @@ class PedroSchedulerMixin:
                     f"{', long_prefill_token_threshold' if self.pedro_max_prompt < self.max_num_scheduled_tokens else ''}"
                     f"); a PEDRO prompt is prefilled in one step. Shorten the prompt or raise --max-num-batched-tokens")
             else:
-                self._want(request.request_id, ref)  # the read starts now, while the request waits
+                # The read starts now, while the request waits.
+                if self._want(request.request_id, ref, arrival=True).state is not State.READY:
+                    self._pedro_waiting_for_adapter.add(request.request_id)
+            self._pedro_tenants.add(ref.name)
         super().add_request(request)
 
-    def finish_requests(self, request_ids, finished_status):
-        finished = super().finish_requests(request_ids, finished_status)
-        for request in finished:
-            self._forget(request.request_id)
-        return finished
+    def _free_request(self, request, *args, **kwargs):
+        """Every finished request passes here (private hook, patches.REGISTER)."""
+        req_id = request.request_id
+        if req_id in self.pedro_requests:
+            reason = str(request.get_finished_reason())
+            self._pedro_finished[reason] = self._pedro_finished.get(reason, 0) + 1
+            self._forget(req_id)
+        return super()._free_request(request, *args, **kwargs)
 
-    def _want(self, req_id: str, ref: PedroRequest):
+    def _want(self, req_id: str, ref: PedroRequest, arrival: bool = False):
         pin = req_id not in self._pedro_pinned
         if pin:
             self._pedro_pinned.add(req_id)
-        return self.pedro_store.want(ref, pin=pin)
+        return self.pedro_store.want(ref, pin=pin, arrival=arrival)
 
     def _unpin(self, req_id: str) -> None:
         if req_id in self._pedro_pinned:
@@ -164,6 +191,7 @@ class PedroSchedulerMixin:
 
     def _forget(self, req_id: str) -> None:
         self._pedro_passed_over.pop(req_id, None)
+        self._pedro_waiting_for_adapter.discard(req_id)
         if req_id in self.pedro_requests:
             self._unpin(req_id)
             del self.pedro_requests[req_id]
@@ -185,9 +213,11 @@ class PedroSchedulerMixin:
         entry = self._want(req_id, ref)
         if entry.state is State.FAILED:
             self._pedro_failed[req_id] = f"{ERROR_PREFIX} {ref.name!r}: {entry.error}"
+            self._pedro_waiting_for_adapter.discard(req_id)
             return False
         if entry.state is not State.READY:
             return False  # loading, or waiting for room in the store
+        self._pedro_waiting_for_adapter.discard(req_id)
         key = ref.digest
         if key not in self._pedro_step_keys and len(self._pedro_step_keys) >= self.pedro_rows.num_rows:
             return False  # the step's device rows are taken: prefill in a later step
@@ -245,6 +275,8 @@ class PedroSchedulerMixin:
         return outputs
 
     def shutdown(self) -> None:
+        if self._pedro_metrics is not None:
+            self._pedro_metrics.close()
         self.pedro_store.shutdown()
         super().shutdown()
 

@@ -85,13 +85,10 @@ def serve(args: argparse.Namespace) -> int:
         check_modules_early(args, pargs)
         patches.enable_pedro()
     validate_parsed_serve_args(args)
-    ServeSubcommand.cmd(args)
+    ServeSubcommand.cmd(args)  # with PEDRO on, a dead engine raises SystemExit(1) (patches "serve_exit_code")
     from .serving import engine_died
 
-    if engine_died():
-        logger.error("vllm-pedro serve: the engine died; exiting with code 1")
-        return 1
-    return 0
+    return 1 if pargs is not None and engine_died() else 0
 
 
 def main(argv: list[str] | None = None) -> int:

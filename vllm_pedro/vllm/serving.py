@@ -40,7 +40,7 @@ from ..adapter_io import adapter_dir_entry, is_under
 from ..config import AdapterError
 from .args import PedroArgs, pedro_enabled
 from .offline import AdapterValidator
-from .request import PedroRequest
+from .request import PedroRequest, tenant_name_problem
 
 logger = logging.getLogger("vllm_pedro")
 
@@ -114,6 +114,9 @@ class PedroAdapterRegistry:
     def _check_name(self, name: str):
         if not name:
             return _error("'pedro_name' must be a non-empty string.", "InvalidUserInput", param="pedro_name")
+        problem = tenant_name_problem(name)
+        if problem:
+            return _error(f"The PEDRO adapter name {name!r} {problem}.", "InvalidUserInput", param="pedro_name")
         if self.models.is_base_model(name):
             return _error(f"The PEDRO adapter name '{name}' conflicts with a served base model.",
                           "InvalidUserInput", param="pedro_name")
@@ -142,7 +145,7 @@ class PedroAdapterRegistry:
         lora = PedroLoRARequest(lora_name=name, lora_int_id=int_id, lora_path=req.path,
                                 base_model_name=self._base_model_name(base_model_name), pedro_digest=req.digest)
         self.models.lora_requests[name] = lora
-        logger.info("PEDRO adapter '%s' (id %d) served from %s", name, int_id, req.path)
+        logger.info("PEDRO adapter %r (id %d) served from %r", name, int_id, req.path)
         return lora
 
     def add_static(self, modules) -> None:
@@ -160,6 +163,9 @@ class PedroAdapterRegistry:
     async def resolve(self, name: str):
         """None when `name` is now served from the adapter directory; an ErrorResponse (400)
         when its folder is there but not a servable adapter; "missing" when there is none."""
+        problem = tenant_name_problem(name)
+        if problem:
+            return _error(f"The model name {name!r} is not a tenant name: it {problem}.", param="model")
         lock = self._resolving.setdefault(name, asyncio.Lock())
         async with lock:
             if name in self.models.lora_requests:
@@ -217,7 +223,7 @@ class PedroAdapterRegistry:
             # path, id and digest); new requests for this name get vLLM's 404.
             del self.models.lora_requests[name]
             self.validator.forget(lora.lora_int_id)
-        logger.info("PEDRO adapter '%s' unloaded", name)
+        logger.info("PEDRO adapter %r unloaded", name)
         return f"Success: PEDRO adapter '{name}' removed successfully."
 
 
@@ -276,6 +282,9 @@ class PedroEndpoints:
         state.pedro_registry = reg
         _registry = reg
         _watch_engine(engine_client)
+        from .metrics import watch_engine
+
+        watch_engine(reg.args.stats_path, engine_client.vllm_config.model_config.served_model_name)
 
 
 # -- whether the server's engine died ---------------------------------------------------------
@@ -288,6 +297,11 @@ def _watch_engine(engine_client) -> None:
 
 
 def engine_died() -> bool:
-    """Whether this process's server engine died (vLLM's server then shuts down, but its
-    serve command returns normally; `vllm-pedro serve` exits with code 1)."""
-    return bool(getattr(_served_engine, "errored", False))
+    """Whether this process's server engine died, as opposed to being shut down: one of its
+    processes exited with a non-zero code while nobody was stopping it (vLLM's engine
+    manager records it; a SIGTERM or SIGINT, even one sent to the whole process group,
+    makes the engine exit with 0). vLLM's server then shuts down and its serve command
+    returns normally; with PEDRO on, `vllm serve` and `vllm-pedro serve` exit with 1."""
+    client = getattr(_served_engine, "engine_core", None)
+    manager = getattr(getattr(client, "resources", None), "engine_manager", None)
+    return getattr(manager, "failed_proc_name", None) is not None

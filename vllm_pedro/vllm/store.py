@@ -20,12 +20,13 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..adapter_io import parse_adapter, read_adapter_files
-from ..config import AdapterError, BaseShapes, PedroConfig
+from ..config import AdapterError, AdapterMissingError, BaseShapes, PedroConfig
+from .metrics import Histogram
 from .request import PedroRequest, check_servable
 
 logger = logging.getLogger("vllm_pedro")
@@ -88,9 +89,12 @@ class _Entry:
 class StoreStats:
     disk_reads: int = 0  # adapters read from disk (each read is one full load)
     load_seconds: float = 0.0  # loader-thread time spent reading, validating and stacking
-    hits: int = 0  # wants answered from memory
+    hits: int = 0  # requests whose adapter was in memory (or already loading) when they arrived
+    misses: int = 0  # requests whose arrival started a read
     evictions: int = 0
     failures: int = 0
+    failures_by_cause: dict[str, int] = field(default_factory=dict)  # metrics.FAILURE_CAUSES
+    load_hist: Histogram = field(default_factory=Histogram)  # seconds per load
 
 
 def default_capacity(base: BaseShapes, max_rank: int, dtype: torch.dtype, fraction: float = 0.1) -> int:
@@ -120,6 +124,19 @@ def serial_openmp_in_this_thread() -> None:
         pass  # no OpenMP runtime: torch ops cannot start a team either
 
 
+class AdapterChangedError(AdapterError):
+    """The adapter's files are not the bytes the front end validated."""
+
+
+def failure_cause(e: BaseException) -> str:
+    """The metrics label of a failed load (metrics.FAILURE_CAUSES)."""
+    if isinstance(e, (FileNotFoundError, AdapterMissingError)):
+        return "missing"
+    if isinstance(e, AdapterChangedError):
+        return "changed"
+    return "invalid" if isinstance(e, AdapterError) else "io"
+
+
 class HostAdapterStore:
     def __init__(self, base: BaseShapes, serving, dtype: torch.dtype, capacity: int, pin: bool = False,
                  loader_threads: int = 2):
@@ -132,9 +149,10 @@ class HostAdapterStore:
                                         initializer=serial_openmp_in_this_thread)
 
     # -- what the scheduler calls ---------------------------------------------------------
-    def want(self, ref: PedroRequest, pin: bool = False) -> _Entry:
+    def want(self, ref: PedroRequest, pin: bool = False, arrival: bool = False) -> _Entry:
         """The entry of ref's adapter, loading it if it is not there and there is room.
-        pin: one more request needs it before its prefill (see release)."""
+        pin: one more request needs it before its prefill (see release). arrival: a new
+        request asks (counted as a hit or a miss; a waiting request asks again each step)."""
         key = self._key(ref)
         with self._lock:
             e = self._entries.get(key)
@@ -142,8 +160,11 @@ class HostAdapterStore:
                 e = self._entries[key] = _Entry(ref)
             else:
                 self._entries.move_to_end(key)
-                if e.state is State.READY:
+            if arrival:
+                if e.state in (State.READY, State.LOADING):
                     self.stats.hits += 1
+                else:
+                    self.stats.misses += 1
             if pin:
                 e.pins += 1
             if e.state is State.WAITING and self._make_room(key):
@@ -177,6 +198,11 @@ class HostAdapterStore:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- inside ---------------------------------------------------------------------------
+    def _failed(self, cause: str) -> None:
+        with self._lock:
+            self.stats.failures += 1
+            self.stats.failures_by_cause[cause] = self.stats.failures_by_cause.get(cause, 0) + 1
+
     @staticmethod
     def _key(ref: PedroRequest) -> str:
         if ref.digest is None:
@@ -199,27 +225,33 @@ class HostAdapterStore:
         ref = entry.ref
         try:
             files = read_adapter_files(ref.path)
-            self.stats.disk_reads += 1
+            with self._lock:
+                self.stats.disk_reads += 1
             changed = files.digest != ref.digest
             try:
                 config, tensors = parse_adapter(files, self.base)
                 check_servable(config, self.serving)
             except AdapterError as e:
-                raise AdapterError(f"{e} (its files changed after it was validated)" if changed else str(e)) from e
+                if changed:
+                    raise AdapterChangedError(f"{e} (its files changed after it was validated)") from e
+                raise
             if changed:
-                raise AdapterError(f"its files in {ref.path!r} changed after it was validated (now sha256 "
+                raise AdapterChangedError(f"its files in {ref.path!r} changed after it was validated (now sha256 "
                                    f"{files.digest[:12]}..., validated {ref.digest[:12]}...); load it again to "
                                    "serve the new files")
             weights = AdapterWeights.build(config, key, tensors, self.dtype, self.pin)
             entry.weights, entry.state = weights, State.READY
         except (AdapterError, OSError) as e:
             entry.error, entry.state = str(e), State.FAILED
-            self.stats.failures += 1
+            self._failed(failure_cause(e))
         except Exception as e:  # noqa: BLE001  (a loader thread must never take the engine down)
             logger.exception("PEDRO: loading adapter %r failed", ref.name)
             entry.error, entry.state = f"internal error while loading: {type(e).__name__}: {e}", State.FAILED
-            self.stats.failures += 1
+            self._failed("internal")
         finally:
-            self.stats.load_seconds += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            with self._lock:
+                self.stats.load_seconds += elapsed
+                self.stats.load_hist.observe(elapsed)
         if entry.state is State.FAILED:
-            logger.warning("PEDRO adapter %r (%s) failed to load: %s", ref.name, ref.path, entry.error)
+            logger.warning("PEDRO adapter %r (%r) failed to load: %s", ref.name, ref.path, entry.error)
