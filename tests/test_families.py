@@ -28,8 +28,8 @@ from vllm_pedro.hf.model import base_shapes_of, find_decoder_layers, find_projec
 from vllm_pedro.testing import TINY_ARCHS, build_random_adapter, build_tiny_model, build_tokenizer, load_model
 
 # vLLM's CPU worker replaces torch.set_num_threads with a no-op once it has bound its threads
-# (in-process engines here): keep the real one.
-_set_num_threads = torch.set_num_threads
+# (in-process engines, whichever test module started one first): the builtin it wraps.
+_set_num_threads = torch._C.set_num_threads
 MAX_TOKENS = 12
 PROMPTS = ["The quick brown fox jumps over the lazy dog and then",
            "name: Alpha, food: Italian, area: riverside, price: cheap. name:",
@@ -142,6 +142,22 @@ def test_moe_expert_up_is_refused_at_adapter_creation_and_loading(arch, tiny, tm
     with pytest.raises(UnsupportedTargetError, match=EXPERT_UP):
         PedroModel.from_pretrained(model, up_adapter_for(tiny(arch), str(tmp_path / "up")))
     get_pedro_model(model, PedroConfig(r=4, targets=("q", "k", "v")))  # the attention targets work
+
+
+def test_fused_projections_train(tiny):
+    """Phi-3's fused qkv_proj and gate_up_proj: every targeted column range of the generator's
+    output gets a gradient (the scaling of a column range of a fused output is differentiable)."""
+    from vllm_pedro.testing import randomize_generators
+
+    with one_thread():
+        model = load_model(tiny("phi3"))
+        pm = get_pedro_model(model, PedroConfig(r=4, targets=("q", "v", "up")))
+        randomize_generators(pm, seed=1)
+        ids = torch.randint(5, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+        pm(ids, prompt_lengths=torch.tensor([6, 4]), labels=ids).loss.backward()
+    grad = pm.generators[0].up.bias.grad
+    for target, (start, width) in pm.config.target_columns().items():
+        assert grad[start:start + width].abs().sum() > 0, target
 
 
 # -- vLLM side ------------------------------------------------------------------------------------
