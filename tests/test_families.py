@@ -3,8 +3,8 @@ each, token-exact parity of the vLLM plugin with the transformers reference for 
 mixing two PEDRO tenants and base requests, and the refusals (an unsupported class; the
 expert FFN up projection of a mixture-of-experts model).
 
-float32, greedy, enforce_eager: every output's tokens must equal PedroModel.generate with
-the same adapter (or the plain model for base requests)."""
+float32, greedy, enforce_eager (unless a test says otherwise): every output's tokens must
+equal PedroModel.generate with the same adapter (or the plain model for base requests)."""
 
 import os
 
@@ -14,6 +14,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import argparse
 import contextlib
 import gc
+import zlib
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def tiny(tmp_path_factory):
 
     def get(arch: str) -> str:
         if arch not in built:
-            seed = sorted(TINY_ARCHS).index(arch)
+            seed = zlib.crc32(arch.encode()) % 1000  # its own: adding a family changes no other's model
             with one_thread():
                 built[arch] = build_tiny_model(str(tmp_path_factory.mktemp(f"tiny-{arch}")), arch=arch, seed=seed)
         return built[arch]
