@@ -33,13 +33,18 @@ def count_wrapper(code: str) -> dict:
     """Allocations and reuses in the `call` function of one Inductor output file."""
     m = re.search(r"\n(\s*)def call\((self, )?args\):", code)
     if not m:
-        return {"allocations": 0, "token_sized_allocations": 0, "reuses": 0, "extern_calls": 0, "pedro_ops": []}
+        return {"allocations": 0, "token_sized_allocations": 0, "by_shape": {}, "reuses": 0, "extern_calls": 0,
+                "pedro_ops": []}
     body = code[m.end():]
     end = re.search(rf"\n{m.group(1)}def |\n\S", body)  # the next method or top-level statement
     body = body[:end.start()] if end else body
     allocs = re.findall(r"empty_strided_cpu\(\(([^)]*)\)", body)
     large = [a for a in allocs if SIZE_SYMBOL.search(a)]
-    return {"allocations": len(allocs), "token_sized_allocations": len(large),
+    by_shape: dict[str, int] = {}
+    for a in large:
+        key = "[" + SIZE_SYMBOL.sub("T", a.replace(" ", "")) + "]"
+        by_shape[key] = by_shape.get(key, 0) + 1
+    return {"allocations": len(allocs), "token_sized_allocations": len(large), "by_shape": by_shape,
             "reuses": body.count("# reuse"), "extern_calls": len(re.findall(r"torch\.ops\.vllm\.\w+", body)),
             "pedro_ops": sorted(set(re.findall(r"torch\.ops\.vllm\.(pedro_\w+)", body)))}
 
@@ -73,7 +78,8 @@ def one(method: str, model: str, cache: str, adapter_dir: str) -> dict:
     return {"method": method, "graphs": graphs,
             "allocations": sum(g["allocations"] for g in graphs),
             "token_sized_allocations": sum(g["token_sized_allocations"] for g in graphs),
-            "reuses": sum(g["reuses"] for g in graphs)}
+            "reuses": sum(g["reuses"] for g in graphs),
+            "by_shape": {k: sum(g["by_shape"].get(k, 0) for g in graphs) for g in graphs for k in g["by_shape"]}}
 
 
 def main(argv=None) -> int:
@@ -93,10 +99,11 @@ def main(argv=None) -> int:
     model, label = resolve_model(args.model, work)
     adapters = make_pedro_adapters(model, 1, 16, ("q", "v", "up"), os.path.join(work, "adapters"), 0)
     results = {}
-    for method in ("bare", "pedro"):
+    variants = {"bare": {}, "pedro": {}, "pedro-trace": {"VLLM_PEDRO_COMPILED_SCALING": "trace"}}
+    for method, env in variants.items():
         cache = os.path.join(work, f"inductor-{method}")
-        proc = subprocess.run([sys.executable, __file__, "--_one", method, model, cache, adapters],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--_one", method.split("-")[0], model, cache, adapters],
+                              capture_output=True, text=True, env={**os.environ, **env})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT=")]
         if proc.returncode or not line:
             raise SystemExit(f"{method} failed:\n{proc.stderr[-4000:]}")
@@ -105,9 +112,13 @@ def main(argv=None) -> int:
             import shutil
             shutil.copytree(cache, os.path.join(args.keep_code, method), dirs_exist_ok=True)
     print(f"\n{label}: fresh buffers per model step in the generated code (vLLM compiled mode, CPU)")
-    print(f"{'method':8} {'graphs':>6} {'allocations':>12} {'token-sized':>12} {'reuses':>7}")
+    print(f"{'method':12} {'graphs':>6} {'allocations':>12} {'token-sized':>12} {'reuses':>7}  by shape")
     for m, r in results.items():
-        print(f"{m:8} {len(r['graphs']):>6} {r['allocations']:>12} {r['token_sized_allocations']:>12} {r['reuses']:>7}")
+        shapes = " ".join(f"{k}:{v}" for k, v in sorted(r["by_shape"].items()))
+        print(f"{m:12} {len(r['graphs']):>6} {r['allocations']:>12} {r['token_sized_allocations']:>12} "
+              f"{r['reuses']:>7}  {shapes}")
+    print("(pedro: the default, q/k/v scaled in place by the C++ op; pedro-trace: VLLM_PEDRO_COMPILED_SCALING=trace, "
+          "the traced out-of-place product)")
     out = {"model": label, "results": results, "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)

@@ -199,7 +199,7 @@ def test_pedro_request_without_enable_pedro_is_refused(tiny_llama_dir, adapters)
     close(llm)
 
 
-@pytest.mark.parametrize("scaling", ["trace", "op"])
+@pytest.mark.parametrize("scaling", ["inplace", "trace", "op"])
 def test_compiled_mode_matches_transformers(tiny_llama_dir, adapters, scaling, monkeypatch):
     """vLLM's default torch.compile mode: the prefill generator stays an opaque op; the
     decode scaling traced by torch.compile (default) or kept as opaque ops."""

@@ -16,10 +16,17 @@ transformers reference.
 How each wrapper runs depends on the runtime's `mode` (`scaling_mode`):
   "eager"  (enforce_eager): plain Python calls, no custom-op dispatch; the generator runs
            only on steps with prefills; the scaling is the ops backend the runtime resolved
-           once (torch on the CPU, Triton on the GPU).
-  "trace"  (compiled, the default): the prefill op is opaque to torch.compile and a
-           splitting op (it branches on host-side step data), so the generator never enters
-           a compiled graph; the scaling is plain tensor code torch.compile traces and fuses.
+           once (Triton on the GPU; on the CPU the C++ op `scale_rows_`, in place, skipping
+           base tokens, then vLLM's own SiluAndMul; the torch reference without a compiler).
+  "trace"  (compiled): the prefill op is opaque to torch.compile (and a splitting op where
+           CUDA graphs are captured: it branches on host-side step data), so the generator
+           never enters a compiled graph; the scaling is plain tensor code torch.compile
+           traces and fuses. On the CPU (the default there when the C++ op builds) q/k/v
+           are scaled in place by `scale_rows_` instead ("inplace"): a traced product would
+           be a second buffer of the qkv projection's size in every layer (the attention
+           reads v as a slice of it), which costs Inductor its buffer reuse in the MLP too
+           (benchmarks/graph_allocations.py); the up scaling stays traced, fused into the
+           activation like the bare model's SiluAndMul.
   "op"     (compiled, VLLM_PEDRO_COMPILED_SCALING=op): the scaling as opaque custom ops too.
 The scaling reads only static buffers (slots, the token -> slot map): CUDA graphs capture it.
 """
@@ -37,7 +44,7 @@ from ..prefill import write_vectors
 PREFILL_OP, SCALE_QKV_OP = "pedro_prefill", "pedro_scale_qkv"
 SILU_MUL_OP, SCALE_UP_OP = "pedro_silu_and_mul", "pedro_scale_up"
 SPLITTING_OPS = [f"vllm::{PREFILL_OP}"]
-ENV_SCALING = "VLLM_PEDRO_COMPILED_SCALING"  # "trace" (default) or "op": how compiled mode scales
+ENV_SCALING = "VLLM_PEDRO_COMPILED_SCALING"  # inplace (CPU default), trace (GPU default) or op
 
 _runtime = None  # the worker's PedroRuntime (runner.py) while PEDRO is enabled
 
@@ -47,13 +54,16 @@ def set_runtime(runtime) -> None:
     _runtime = runtime
 
 
-def scaling_mode(vllm_config) -> str:
-    """"eager" without torch.compile; else "trace" (default) or "op" (VLLM_PEDRO_COMPILED_SCALING)."""
+def scaling_mode(vllm_config, cpu_op: bool = False) -> str:
+    """"eager" without torch.compile; else VLLM_PEDRO_COMPILED_SCALING: "inplace" (default
+    where the C++ CPU op `cpu_op` is there), "trace" (default elsewhere) or "op"."""
     from vllm.config import CompilationMode
 
-    mode = os.environ.get(ENV_SCALING, "trace").strip().lower()
-    if mode not in ("trace", "op"):
-        raise ValueError(f"{ENV_SCALING}={mode!r}: expected trace or op")
+    mode = os.environ.get(ENV_SCALING, "").strip().lower() or ("inplace" if cpu_op else "trace")
+    if mode not in ("inplace", "trace", "op"):
+        raise ValueError(f"{ENV_SCALING}={mode!r}: expected inplace, trace or op")
+    if mode == "inplace" and not cpu_op:
+        raise ValueError(f"{ENV_SCALING}=inplace needs the C++ CPU op (a CPU engine with a C++ compiler)")
     return "eager" if vllm_config.compilation_config.mode == CompilationMode.NONE else mode
 
 
@@ -122,7 +132,7 @@ class PedroQKVProj(nn.Module):
             out, bias = self.base_layer(x)
             if rt.step is not None:
                 pedro_prefill(x, rt.slots.vectors, self.layer)
-            rt.ops.scale_(out, rt.slots.vectors[self.layer], rt.token_slot, 0)  # the row's [q | k | v] block
+            rt.scale_(out, self.layer, 0)  # the row's [q | k | v] block
             return out, bias
         # Compiled: the generator reads x before the projection does, so the projection is x's
         # last reader, as in the bare graph, and Inductor can hand x's buffer on after it.
@@ -132,7 +142,12 @@ class PedroQKVProj(nn.Module):
 
     def compiled_scaled(self, out):
         rt = self.rt
-        if rt.mode == "trace" or not self.scale_op:
+        if rt.mode == "inplace" and self.scale_op:
+            # in place: the projection's buffer is what the attention reads, as in the bare graph
+            torch.ops.vllm_pedro_cpu.scale_rows_(out, rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]], 0,
+                                                 rt.slots.ones_row)
+            return out
+        if rt.mode in ("trace", "inplace") or not self.scale_op:
             # out of place: a plain product torch.compile fuses into what reads qkv
             return reference.scaled(out, rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]], 0)
         torch.ops.vllm.pedro_scale_qkv(out, self.layer)
@@ -142,16 +157,20 @@ class PedroQKVProj(nn.Module):
 class PedroSiluAndMul(nn.Module):
     """Replaces SiluAndMul: silu(gate) * (up * l_u), the up scaling fused into the activation."""
 
-    def __init__(self, layer: int, runtime):
+    def __init__(self, layer: int, runtime, native: nn.Module | None = None):
         super().__init__()
         self.layer, self.rt = layer, runtime
+        self.native = native  # the model's own SiluAndMul (eager on the CPU: scale up in place, then it)
 
     def forward(self, gate_up):
         rt = self.rt
         n, d = gate_up.shape[0], gate_up.shape[1] // 2
-        if rt.mode == "trace":
+        if rt.mode in ("trace", "inplace"):
             return reference.silu_and_mul_scaled(gate_up, rt.slots.vectors[self.layer], rt.token_slot[:n],
                                                  rt.columns["up"])
+        if rt.mode == "eager" and rt.cpu_scale is not None and self.native is not None:
+            rt.scale_(gate_up[:, d:], self.layer, rt.columns["up"])
+            return self.native(gate_up)
         out = torch.empty((n, d), dtype=gate_up.dtype, device=gate_up.device)
         if rt.mode == "eager":
             return rt.ops.silu_and_mul_scaled(gate_up, rt.slots.vectors[self.layer], rt.token_slot, rt.columns["up"],
@@ -177,11 +196,11 @@ class PedroGateUpProj(nn.Module):
 
     def scaled(self, out):
         rt, ff = self.rt, out.shape[1] // 2
-        if rt.mode == "trace" or (rt.mode == "op" and not self.scale_op):
+        if rt.mode in ("trace", "inplace") or (rt.mode == "op" and not self.scale_op):
             reference.scale_(out[:, ff:], rt.slots.vectors[self.layer], rt.token_slot[:out.shape[0]],
                              rt.columns["up"])
         elif rt.mode == "eager":
-            rt.ops.scale_(out[:, ff:], rt.slots.vectors[self.layer], rt.token_slot, rt.columns["up"])
+            rt.scale_(out[:, ff:], self.layer, rt.columns["up"])
         else:
             torch.ops.vllm.pedro_scale_up(out, self.layer)
         return out
@@ -217,7 +236,7 @@ class PedroQKVProjBatched(PedroQKVProj):
             out = self.base_layer(flat)
             if rt.step is not None:
                 pedro_prefill(flat, rt.slots.vectors, self.layer)
-            rt.ops.scale_(out, rt.slots.vectors[self.layer], rt.token_slot, 0)
+            rt.scale_(out, self.layer, 0)
         else:
             torch.ops.vllm.pedro_prefill(flat, rt.slots.vectors, self.layer)
             out = self.compiled_scaled(self.base_layer(flat))
@@ -295,7 +314,8 @@ def wrap_model(model: nn.Module, runtime, with_up: bool = True) -> list[nn.Modul
             raise TypeError(f"PEDRO: layer {i}'s qkv_proj and gate_up_proj differ in return_bias")
         act = _activation_name(mlp, SiluAndMul)
         if act is not None:
-            setattr(mlp, act, (PedroSiluAndMulBatched if batched else PedroSiluAndMul)(i, runtime))
+            native = getattr(mlp, act)
+            setattr(mlp, act, (PedroSiluAndMulBatched if batched else PedroSiluAndMul)(i, runtime, native))
         else:  # GeluAndMul (Gemma) and others: scale the up half of gate_up_proj's output
             mlp.gate_up_proj = (PedroGateUpProjBatched if batched else PedroGateUpProj)(mlp.gate_up_proj, i, runtime)
     return layers

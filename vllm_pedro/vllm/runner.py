@@ -119,7 +119,10 @@ class PedroRuntime:
         self.columns = self.layout.columns()
         device, dtype = runner.device, runner.model_config.dtype
         self.ops = ops.backend(device)  # resolved once (VLLM_PEDRO_OPS_BACKEND read here)
-        self.mode = scaling_mode(runner.vllm_config)  # eager | trace | op (layers.py)
+        # On the CPU, the C++ in-place gather-multiply (skips base tokens), when it builds and
+        # the torch backend is not asked for explicitly.
+        self.cpu_scale = ops.cpu.scale_rows_ if self.ops.pool == "cpu" else None
+        self.mode = scaling_mode(runner.vllm_config, self.cpu_scale is not None)  # layers.py
         max_reqs = runner.scheduler_config.max_num_seqs
         self.slots = SlotPool(self.base.num_layers, max_reqs, self.layout.width, dtype, device)
         self.adapters = DeviceAdapterCache(self.base, self.layout, args.max_adapters, args.max_rank, dtype, device)
@@ -129,6 +132,16 @@ class PedroRuntime:
         self.step: PrefillStep | None = None
         self.num_prefills = 0  # PEDRO prefills run (recomputed ones after preemption count again)
         set_runtime(self)
+
+    def scale_(self, x, layer: int, col: int) -> None:
+        """Eager mode: x *= this layer's vector columns [col, col + width) of each token's slot
+        (col < 0: the target is not served, nothing to do)."""
+        if col < 0:
+            return
+        if self.cpu_scale is not None:
+            self.cpu_scale(x, self.slots.vectors[layer], self.token_slot, col, self.slots.ones_row)
+        else:
+            self.ops.scale_(x, self.slots.vectors[layer], self.token_slot, col)
 
     @property
     def nbytes(self) -> int:
