@@ -18,7 +18,6 @@ the disk. Prints a table, saves JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,6 +43,7 @@ def main(argv=None) -> int:
 
     from vllm_pedro.adapter_io import parse_adapter, read_adapter_files
     from vllm_pedro.config import BaseShapes
+    from vllm_pedro.tools.bench import save_json
     from vllm_pedro.tools.models import resolve_model
     from vllm_pedro.vllm.args import PedroArgs
     from vllm_pedro.vllm.request import PedroRequest
@@ -121,10 +121,7 @@ def main(argv=None) -> int:
            "stage_ms_all": {k: [x * 1e3 for x in v] for k, v in stages.items()},
            "command": " ".join(["python benchmarks/adapter_load_rate.py", *sys.argv[1:]]),
            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(out, f, indent=1)
+    save_json(args.output_json, out)
     return 0
 
 

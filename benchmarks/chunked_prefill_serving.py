@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     from transformers import AutoConfig
 
     from vllm_pedro.testing import build_random_adapters, free_port, server_env, stop_server, wait_ready
-    from vllm_pedro.tools.bench import resolve_model
+    from vllm_pedro.tools.bench import resolve_model, save_json
 
     work = tempfile.mkdtemp(prefix="chunked-serving-")
     model, label = resolve_model(args.model, work)
@@ -216,11 +216,7 @@ def main(argv=None) -> int:
            "medians": med, "ratios": ratios, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "command": " ".join(["python benchmarks/chunked_prefill_serving.py", *sys.argv[1:]]),
            "environment": {k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")}}
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.output_json}")
+    save_json(args.output_json, out)
     return 0
 
 

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         print("RESULT=" + json.dumps(one(*args._one)))
         return 0
     sys.path.insert(0, os.path.dirname(HERE))
-    from vllm_pedro.tools.bench import make_pedro_adapters, resolve_model
+    from vllm_pedro.tools.bench import make_pedro_adapters, resolve_model, save_json
 
     work = tempfile.mkdtemp(prefix="graph-allocs-")
     model, label = resolve_model(args.model, work)
@@ -120,10 +120,7 @@ def main(argv=None) -> int:
     print("(pedro: the default, q/k/v scaled in place by the C++ op; pedro-trace: VLLM_PEDRO_COMPILED_SCALING=trace, "
           "the traced out-of-place product)")
     out = {"model": label, "results": results, "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(out, f, indent=2)
+    save_json(args.output_json, out)
     return 0
 
 

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
     from vllm_pedro.tools.bench import (EngineProcess, _environment, make_lora_adapters, make_pedro_adapters,
-                                        make_prompts, resolve_model)
+                                        make_prompts, resolve_model, save_json)
 
     work = tempfile.mkdtemp(prefix="multi-turn-")
     model, label = resolve_model(args.model, work)
@@ -124,11 +124,7 @@ def main(argv=None) -> int:
     out = {"benchmark": "multi_turn", "model": label, "config": vars(args), "passes": results, "per_turn": table,
            "environment": _environment(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "command": " ".join(["python benchmarks/multi_turn.py", *sys.argv[1:]])}
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"wrote {args.output_json}")
+    save_json(args.output_json, out)
     return 0
 
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_pedro.generator import (ACTIVATION_CODES, GELU_DENOMINATOR, GELU_NUMERATOR, POOLER_CODES,  # noqa: E402
-                                  StackedGenerators, _activate, generate_vectors, segment_pool)
+                                  StackedGenerators, activate, generate_vectors, segment_pool)
 from vllm_pedro.ops import cpu as ops_cpu  # noqa: E402
 from vllm_pedro.ops import reference  # noqa: E402
 from vllm_pedro.prefill import PrefillStep, project, write_vectors  # noqa: E402
@@ -70,7 +70,7 @@ def old_project(pooled, old, g):  # generate_vectors after pooling, and the slot
     seg_row = old["seg_row"]
     rows = lambda t: t.index_select(0, seg_row).float()  # noqa: E731
     z = torch.einsum("sd,skd->sk", pooled, rows(g.down_w)) + rows(g.down_b)
-    a = _activate(z, g, seg_row)
+    a = activate(z, g, seg_row)
     return 1.0 + torch.einsum("sk,swk->sw", a, rows(g.up_w)) + rows(g.up_b)
 
 
@@ -80,7 +80,7 @@ def all_rows_project(pooled, step, g):
     S, R, r = pooled.shape[0], g.down_w.shape[0], g.down_w.shape[1]
     pick = torch.arange(S) * R + step.rows  # prompt s, row rows[s] in the [S * R, ...] results
     z = torch.addmm(g.down_b.reshape(-1), pooled, g.down_w.reshape(R * r, -1).T).view(S * R, r).index_select(0, pick)
-    a = _activate(z, g, step.rows)
+    a = activate(z, g, step.rows)
     up = torch.addmm(g.up_b.reshape(-1), a, g.up_w.reshape(R * W, r).T).view(S * R, W)
     return up.index_select(0, pick).add_(1.0)
 

@@ -13,7 +13,6 @@ compilation).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
     from vllm_pedro.testing import build_random_adapters, free_port, server_env, stop_server, wait_ready
-    from vllm_pedro.tools.bench import resolve_model
+    from vllm_pedro.tools.bench import resolve_model, save_json
 
     work = tempfile.mkdtemp(prefix="startup-")
     model, label = resolve_model(args.model, work)
@@ -68,10 +67,7 @@ def main(argv=None) -> int:
            "pedro_minus_bare_s": med["pedro"] - med["bare"], "last_pedro_log": open(log_path).read()[-20000:],
            "command": " ".join(["python benchmarks/startup_time.py", *sys.argv[1:]]),
            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w") as f:
-            json.dump(out, f, indent=1)
+    save_json(args.output_json, out)
     return 0
 
 

@@ -19,10 +19,10 @@ if not torch.cuda.is_available():  # Triton has no CPU backend: interpret it (as
 
 from vllm_pedro.config import ACTIVATIONS, POOLERS  # noqa: E402
 from vllm_pedro.generator import (ACTIVATION_CODES, GELU_DENOMINATOR, GELU_NUMERATOR, POOLER_CODES,  # noqa: E402
-                                  StackedGenerators, _activate, generate_vectors)
+                                  StackedGenerators, activate, generate_vectors, rational_horner)
 from vllm_pedro.ops import cpu as ops_cpu  # noqa: E402
 from vllm_pedro.ops import reference  # noqa: E402
-from vllm_pedro.prefill import PrefillStep, activate, write_vectors  # noqa: E402
+from vllm_pedro.prefill import PrefillStep, write_vectors  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -145,7 +145,8 @@ def test_write_vectors_one_row_and_one_prompt(impl):
 
 
 def test_activate_by_horner_matches_the_reference():
-    """prefill.activate (rational by Horner's rule) vs generator._activate (powers), every
+    """The activation with the rational by Horner's rule (vLLM's prefill) vs by powers (the
+    reference), every
     kind mixed across prompts, |z| up to 12 where x^6 is large, negative coefficients."""
     gen = torch.Generator().manual_seed(5)
     g = make_rows(gen, torch.float32)
@@ -155,7 +156,7 @@ def test_activate_by_horner_matches_the_reference():
     z = torch.randn(300, RANK, generator=gen) * 4
     z[:, 0] = torch.linspace(-12, 12, 300)
     z[0, :3] = torch.tensor([0.0, -0.0, 1e-30])
-    torch.testing.assert_close(activate(z, g, rows), _activate(z, g, rows), atol=1e-5, rtol=1.3e-6)
+    torch.testing.assert_close(activate(z, g, rows, rational_horner), activate(z, g, rows), atol=1e-5, rtol=1.3e-6)
 
 
 def test_untrained_rows_write_exact_ones():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .generator import ACTIVATION_CODES, FIXED_ACTIVATIONS, StackedGenerators
+from .generator import StackedGenerators, activate, rational_horner
 
 
 @dataclass
@@ -72,33 +72,8 @@ def project(pooled: torch.Tensor, step: PrefillStep, g: StackedGenerators) -> to
     z = pooled.new_empty(S, g.down_w.shape[1])
     for row, lo, hi in step.groups:
         torch.addmm(g.down_b[row].float(), pooled[lo:hi], g.down_w[row].float().T, out=z[lo:hi])
-    a = activate(z, g, step.rows)
+    a = activate(z, g, step.rows, rational_horner)
     vec = pooled.new_empty(S, g.up_w.shape[1])
     for row, lo, hi in step.groups:  # the 1 of 1 + delta folded into the bias: no pass over vec
         torch.addmm(g.up_b[row].float() + 1.0, a[lo:hi], g.up_w[row].float().T, out=vec[lo:hi])
     return vec
-
-
-def activate(z: torch.Tensor, g: StackedGenerators, rows: torch.Tensor) -> torch.Tensor:
-    """generator._activate (each prompt's activation kind, rational coefficients of its row)
-    with the rational function by Horner's rule: the reference's powers x^k (aten::pow)
-    cost ~10x more at these sizes. Equal to the reference up to float32 rounding."""
-    out = None
-    for name in sorted(g.activations):
-        if name == "rational":
-            num = g.rat_num.index_select(0, rows).float()  # [S, 7]
-            den = g.rat_den.index_select(0, rows).float().abs()  # [S, 5]
-            p, q, ax = num[:, -1:], den[:, -1:], z.abs()
-            for k in range(num.shape[1] - 2, -1, -1):
-                p = torch.addcmul(num[:, k:k + 1], p, z)
-            for k in range(den.shape[1] - 2, -1, -1):
-                q = torch.addcmul(den[:, k:k + 1], q, ax)
-            y = p / torch.addcmul(torch.ones_like(z), q, ax)  # 1 + |b1| |x| + ... + |b5| |x|^5
-        else:
-            y = FIXED_ACTIVATIONS[name](z)
-        if out is None:
-            out = y
-        else:
-            code = g.act_code.index_select(0, rows)
-            out = torch.where((code == ACTIVATION_CODES[name]).unsqueeze(1), y, out)
-    return out

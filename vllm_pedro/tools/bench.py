@@ -371,6 +371,16 @@ class EngineProcess:
                 self.proc.kill()
 
 
+def save_json(path: str | None, obj) -> None:
+    """Write a benchmark's result (its folder made); nothing when path is None."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+    print(f"wrote {path}")
+
+
 # ---- the machine's load --------------------------------------------------------------------
 def machine_busy_s() -> float | None:
     """CPU seconds all processes have spent busy since boot (/proc/stat), or None."""
