@@ -51,9 +51,10 @@ import sys
 import tempfile
 import time
 
-# pedro-op: compiled mode with the scaling as opaque ops; pedro-old: an earlier vllm_pedro, for
+# pedro-op / pedro-trace: compiled mode with VLLM_PEDRO_COMPILED_SCALING=op / trace (the
+# default on the CPU is inplace); pedro-old: an earlier vllm_pedro, for
 # before/after comparisons (--pedro-old: a folder holding it renamed to the package vllm_pedro_old).
-METHODS = ("bare", "pedro", "lora", "pedro-op", "pedro-old")
+METHODS = ("bare", "pedro", "lora", "pedro-op", "pedro-trace", "pedro-old")
 ASSIGNS = ("uniform", "zipf")
 LORA_TARGETS = {"qv": ["q_proj", "v_proj"],
                 "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -75,7 +76,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="how requests pick their tenant: uniformly at random, or by a Zipf law (a few hot tenants)")
     p.add_argument("--zipf-s", type=float, default=1.1, help="the Zipf exponent")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["bare", "pedro", "lora"],
-                   help="methods to run (pedro-op: PEDRO with VLLM_PEDRO_COMPILED_SCALING=op, for compiled mode)")
+                   help="methods to run (pedro-op, pedro-trace: PEDRO with VLLM_PEDRO_COMPILED_SCALING=op or trace instead of the CPU default inplace, for compiled mode)")
     p.add_argument("--passes", type=int, default=5, help="timed passes per method and (N, assignment)")
     p.add_argument("--foreign-load", type=float, default=0.05,
                    help="flag and repeat a pass during which other processes used more than this fraction of "
@@ -196,8 +197,8 @@ def _engine_main(conn, spec: dict) -> None:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: this process's CPU time is the engine's
-    if spec["method"] == "pedro-op":
-        os.environ["VLLM_PEDRO_COMPILED_SCALING"] = "op"
+    if spec["method"] in ("pedro-op", "pedro-trace"):
+        os.environ["VLLM_PEDRO_COMPILED_SCALING"] = spec["method"].split("-")[1]
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec["kv_cache_space"])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -277,7 +278,7 @@ class _Engine:
         return outs
 
     def _store(self):
-        if self.spec["method"] not in ("pedro", "pedro-op"):
+        if self.spec["method"] not in ("pedro", "pedro-op", "pedro-trace"):
             return None
         return self.llm.llm_engine.engine_core.engine_core.scheduler.pedro_store
 
@@ -485,7 +486,7 @@ def _run(args, work) -> dict:
             bare_warm = engines["bare"].call("warmup", prompts=shape[:1], tenants=[0], shape_prompts=shape,
                                              shape_tenants=[0] * len(shape), output_len=args.output_len)
         for n in args.num_tenants:
-            for m in ("pedro", "lora", "pedro-op", "pedro-old"):
+            for m in ("pedro", "lora", "pedro-op", "pedro-trace", "pedro-old"):
                 if m in args.methods:
                     old = engines.pop(m, None)
                     if old is not None:
@@ -547,7 +548,8 @@ def _measure(args, engines, warm, vocab, n, assign) -> dict:
                           disk_reads_in_passes=sum(r["disk_reads"] or 0 for r in ps) if m.startswith("pedro") else None)
     ratios = {}
     for num, den in (("pedro", "bare"), ("lora", "bare"), ("pedro", "lora"), ("pedro-op", "bare"),
-                     ("pedro-op", "pedro"), ("pedro-old", "bare"), ("pedro", "pedro-old")):
+                     ("pedro-op", "pedro"), ("pedro-trace", "bare"), ("pedro-trace", "pedro"), ("pedro-old", "bare"),
+                     ("pedro", "pedro-old")):
         if num in per and den in per:
             for key, suffix in (("out_tok_per_s", ""), ("out_tok_per_cpu_s", "_cpu")):
                 vals = [a[key] / b[key] for a, b in zip(per[num], per[den]) if a[key] and b[key]]
