@@ -76,7 +76,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="how requests pick their tenant: uniformly at random, or by a Zipf law (a few hot tenants)")
     p.add_argument("--zipf-s", type=float, default=1.1, help="the Zipf exponent")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=["bare", "pedro", "lora"],
-                   help="methods to run (pedro-op, pedro-trace: PEDRO with VLLM_PEDRO_COMPILED_SCALING=op or trace instead of the CPU default inplace, for compiled mode)")
+                   help="methods to run (pedro-op, pedro-trace: PEDRO with VLLM_PEDRO_COMPILED_SCALING=op or trace "
+                        "instead of the CPU's default inplace, for compiled mode)")
     p.add_argument("--passes", type=int, default=5, help="timed passes per method and (N, assignment)")
     p.add_argument("--foreign-load", type=float, default=0.05,
                    help="flag and repeat a pass during which other processes used more than this fraction of "
