@@ -248,6 +248,13 @@ def test_store_loader_threads_run_torch_serially(adapter_dirs):
         assert settle(store, ref_of(adapter_dirs[0], 0)).state is State.READY
         assert store._pool.submit(torch.get_num_threads).result() == 1
         assert torch.get_num_threads() == before
+        # ... and yields the cores to the model's threads: a higher nice value, this thread's own
+        import threading
+
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        theirs = store._pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        assert theirs == min(19, mine + 10)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
     finally:
         store.shutdown()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -107,6 +108,34 @@ def default_capacity(base: BaseShapes, max_rank: int, dtype: torch.dtype, fracti
     return max(1, int(psutil.virtual_memory().total * fraction // per))
 
 
+LOADER_NICE_ENV = "VLLM_PEDRO_LOADER_NICE"  # the loader threads' nice value (default 10; 0: the process's)
+
+
+def loader_thread_init() -> None:
+    """Loader-thread initializer: serial OpenMP, and a lower scheduling priority."""
+    serial_openmp_in_this_thread()
+    lower_this_threads_priority()
+
+
+def lower_this_threads_priority() -> None:
+    """Cold tenants keep the loader threads busy (read, sha256, validation: CPU work) while
+    the model's OpenMP team has a thread bound to every core; at equal priority the kernel
+    shares a core between them and the whole team waits at each barrier for its slowest
+    thread. A higher nice value for the loader threads (Linux: per thread) lets them run in
+    the team's idle moments and yields the cores to the model otherwise; a request whose
+    adapter is cold waits a little longer instead of every running request slowing down."""
+    try:
+        nice = int(os.environ.get(LOADER_NICE_ENV, "10"))
+    except ValueError:
+        nice = 10
+    if nice > 0:
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except (AttributeError, OSError):
+            pass  # not Linux, or not allowed: the threads keep the process's priority
+
+
 def serial_openmp_in_this_thread() -> None:
     """Loader-thread initializer. A torch op that opens an OpenMP parallel region from a
     second thread makes OpenMP start a second team of worker threads, which then competes
@@ -146,7 +175,7 @@ class HostAdapterStore:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # digest -> entry, LRU first
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="pedro-adapter-loader",
-                                        initializer=serial_openmp_in_this_thread)
+                                        initializer=loader_thread_init)
 
     # -- what the scheduler calls ---------------------------------------------------------
     def want(self, ref: PedroRequest, pin: bool = False, arrival: bool = False) -> _Entry:
