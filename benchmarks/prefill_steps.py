@@ -11,12 +11,14 @@ each under glibc's default allocator and under a heap that keeps freed memory
 (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=16 GiB). Every (method, allocator) runs in its
 own process, rounds interleaved; the JSON holds every step time.
 
-Found with it: under the default allocator, buffers of 32 MiB and more (the gate_up output
-of 4,096 prompt tokens is 48 MiB) are mmapped fresh and page-faulted on first write, and
-torch.compile's buffer reuse (a peak-memory heuristic) reuses that buffer in every second
-layer of the bare graph but in none of PEDRO's, so each PEDRO prefill step pays ~15 more
-48 MiB page-fault rounds (inside the gate_up matmul). With the heap kept both graphs reuse
-memory and the wrapped layers cost nothing measurable.
+Found with it (an earlier release): under the default allocator, buffers of 32 MiB and
+more (the gate_up output of 4,096 prompt tokens is 48 MiB) are mmapped fresh and
+page-faulted on first write, and torch.compile's buffer reuse (a peak-memory heuristic)
+reused that buffer in every second layer of the bare graph but in none of PEDRO's, whose
+traced q/k/v product was a second qkv-sized buffer per layer; each PEDRO prefill step paid
+~15 more 48 MiB page-fault rounds. Now q/k/v are scaled in place on the CPU and the graph
+allocates exactly as the bare one (benchmarks/graph_allocations.py). Both engines run
+vLLM's default chunked prefill (steps of 4,096 tokens offline on the CPU).
 
     python benchmarks/prefill_steps.py --output-json benchmarks/results/prefill_steps_smollm2_135m_cpu.json
 """
@@ -47,7 +49,7 @@ def one_run(method: str, model: str, adapter_dir: str, eager: bool) -> dict:
     kw = {}
     if method == "bare":
         from vllm import LLM
-        llm = LLM(model, enable_chunked_prefill=False, **common)
+        llm = LLM(model, **common)
     else:
         from vllm_pedro import LLM
         llm = LLM(model, enable_pedro=True, max_pedro_adapters=16, pedro_adapter_dir=adapter_dir, **common)
@@ -75,7 +77,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="'' = the tiny random model; a vllm_pedro.tools.models name; "
                    "or a model directory")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--allocators", nargs="+", choices=("default", "heap"), default=["default", "heap"],
+                   help="glibc's default, and/or a heap that keeps freed memory (MALLOC_MMAP_MAX_=0 ...)")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--work-dir", default="/tmp/vllm-pedro-prefill-steps")
     p.add_argument("--output-json", default=None)
@@ -92,6 +96,8 @@ def main() -> int:
     runs = {}
     for rnd in range(args.rounds):
         for alloc, extra in (("default", {}), ("heap kept", HEAP_ENV)):
+            if alloc.split()[0] not in args.allocators:
+                continue
             for method in ("bare", "pedro-base", "pedro"):
                 env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | extra
                 cmd = [sys.executable, __file__, "--model", args.model, "--one", method, str(adapter_dir)]
@@ -107,6 +113,8 @@ def main() -> int:
         table[key] = statistics.median(prefill)
     print(f"\nmedian prefill step (~4,000 tokens), ms; ratio to bare under the same allocator")
     for alloc in ("default", "heap kept"):
+        if f"{alloc}|bare" not in table:
+            continue
         b = table[f"{alloc}|bare"]
         print(f"  {alloc:9s} " + "  ".join(f"{m} {table[f'{alloc}|{m}']:.0f} ({table[f'{alloc}|{m}'] / b:.3f})"
                                           for m in ("bare", "pedro-base", "pedro")))

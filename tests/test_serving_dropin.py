@@ -279,6 +279,20 @@ def scrape(setup) -> dict:
             for fam in text_string_to_metric_families(text) for s in fam.samples if s.name.startswith("vllm:pedro_")}
 
 
+def settled_scrape(setup, timeout: float = 15.0) -> dict:
+    """/metrics once the engine has written everything so far (it writes every 0.5 s when
+    something changed): two scrapes a second apart that agree."""
+    import time
+
+    deadline, last = time.monotonic() + timeout, scrape(setup)
+    while True:
+        time.sleep(1.0)
+        now = scrape(setup)
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 def value(snap, name, **labels):
     return snap.get((name, frozenset(labels.items())), 0)
 
@@ -289,7 +303,7 @@ def test_metrics_follow_the_traffic(setup, client, ref):
     capped at --pedro-metrics-tenant-labels."""
     import time
 
-    before = scrape(setup)
+    before = settled_scrape(setup)  # what earlier tests did, written out
     for i in range(N_BY_NAME):
         for _ in range(2):
             out = completion(client, setup, f"t{i}", PROMPTS[0], max_tokens=4)
