@@ -377,8 +377,10 @@ def test_lora_and_pedro_tenants_on_other_families(arch, tiny, tmp_path):
 
 @pytest.mark.parametrize("arch,kw", [("olmo2", dict(enforce_eager=False, scaling="trace")),
                                      ("olmo2", dict(enforce_eager=False, scaling="op")),
+                                     ("olmo2", dict(enforce_eager=False, scaling="inplace")),
                                      ("gemma3", dict(model_impl="transformers"))],
-                         ids=["olmo2-compiled-trace", "olmo2-compiled-op", "gemma3-transformers-backend"])
+                         ids=["olmo2-compiled-trace", "olmo2-compiled-op", "olmo2-compiled-inplace",
+                              "gemma3-transformers-backend"])
 def test_transformers_backend_compiled_and_by_choice(arch, kw, tiny, tmp_path, monkeypatch):
     """vLLM's Transformers backend under torch.compile (both scaling modes: "op" scales q/k/v
     out of place there, PedroQKVProjBatched), and chosen for a family vLLM also serves natively
