@@ -25,9 +25,9 @@ How each wrapper runs depends on the runtime's `mode` (`scaling_mode`):
            are scaled in place by `scale_rows_` instead ("inplace"): a traced product would
            be a second buffer of the qkv projection's size in every layer (the attention
            reads v as a slice of it), which costs Inductor its buffer reuse in the MLP too
-           (benchmarks/graph_allocations.py); so is the up half of gate_up, before the
-           model's own SiluAndMul (a traced product gathers l_u per element through the
-           token -> slot index, which Inductor's CPU code does not vectorise).
+           (benchmarks/graph_allocations.py); the up scaling stays traced, fused into the
+           activation like the bare model's SiluAndMul (scaling the up half in place before
+           the native SiluAndMul was measured slower: 0.941 of bare against 0.965).
   "op"     (compiled, VLLM_PEDRO_COMPILED_SCALING=op): the scaling as opaque custom ops too.
 The scaling reads only static buffers (slots, the token -> slot map): CUDA graphs capture it.
 """
@@ -158,8 +158,6 @@ class PedroQKVProj(nn.Module):
 class PedroSiluAndMul(nn.Module):
     """Replaces SiluAndMul: silu(gate) * (up * l_u), the up scaling fused into the activation."""
 
-    scale_op = True  # "inplace" mode scales up in place with the C++ op, then the native activation
-
     def __init__(self, layer: int, runtime, native: nn.Module | None = None):
         super().__init__()
         self.layer, self.rt = layer, runtime
@@ -168,14 +166,6 @@ class PedroSiluAndMul(nn.Module):
     def forward(self, gate_up):
         rt = self.rt
         n, d = gate_up.shape[0], gate_up.shape[1] // 2
-        if rt.mode == "inplace" and self.scale_op and self.native is not None:
-            # The traced product gathers l_u per element through the token -> slot index, a loop
-            # Inductor's CPU code does not vectorise (~3% of a decode step on SmolLM2); the C++ op
-            # scales the up half's rows in place and the bare model's own activation follows.
-            if rt.columns["up"] >= 0:
-                torch.ops.vllm_pedro_cpu.scale_rows_(gate_up[:, d:], rt.slots.vectors[self.layer], rt.token_slot[:n],
-                                                     rt.columns["up"], rt.slots.ones_row)
-            return self.native(gate_up)
         if rt.mode in ("trace", "inplace"):
             return reference.silu_and_mul_scaled(gate_up, rt.slots.vectors[self.layer], rt.token_slot[:n],
                                                  rt.columns["up"])
@@ -255,7 +245,6 @@ class PedroQKVProjBatched(PedroQKVProj):
 
 
 class PedroSiluAndMulBatched(PedroSiluAndMul):
-    scale_op = False  # as PedroQKVProjBatched: the traced product
     def forward(self, gate_up):
         return super().forward(gate_up.reshape(-1, gate_up.shape[-1])).view(*gate_up.shape[:-1], -1)
 
