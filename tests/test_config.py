@@ -121,3 +121,39 @@ def test_load_refuses_missing_file_bad_json_and_non_object(tmp_path):
 def test_malformed_base_shapes_values_are_refused(shapes):
     with pytest.raises(AdapterError, match="base_shapes"):
         PedroConfig.from_dict({**PedroConfig().to_dict(), "base_shapes": shapes})
+
+
+def test_parse_json_depth_scan_counts_only_brackets_outside_strings():
+    """The depth check (a regex scan) against a plain recursive count: brackets inside
+    strings, escaped quotes and backslashes do not count; max_depth levels pass, one more is
+    refused; what passes parses as json.loads does."""
+    import json
+    import random
+
+    from vllm_pedro.config import AdapterError, parse_json
+
+    def depth(obj):
+        if isinstance(obj, dict):
+            return 1 + max((depth(v) for v in obj.values()), default=0)
+        if isinstance(obj, list):
+            return 1 + max((depth(v) for v in obj), default=0)
+        return 0
+
+    rng = random.Random(0)
+    tricky = ['[', ']', '{', '}', '"', '\\', '\\"', '[[{', 'a"b]', '\\\\"]']
+
+    def build(d):
+        if d == 0:
+            return "".join(rng.choice(tricky) for _ in range(rng.randrange(4)))
+        if rng.random() < 0.5:
+            return [build(d - 1) for _ in range(rng.randrange(1, 3))]
+        return {build(0) + str(i): build(d - 1) for i in range(rng.randrange(1, 3))}
+
+    for _ in range(200):
+        obj = build(rng.randrange(0, 9))
+        text = json.dumps(obj).encode()
+        n = depth(obj)
+        assert parse_json(text, "x", max_depth=max(n, 1)) == obj
+        if n >= 2:
+            with pytest.raises(AdapterError, match="nests deeper than"):
+                parse_json(text, "x", max_depth=n - 1)
