@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     model, label = resolve_model(args.model, work)
     names = [f"tenant-{i}" for i in range(args.tenants)]
     paths = build_random_adapters(model, {i: os.path.join(work, n) for i, n in enumerate(names)}, r=8)
-    flags = ["--dtype", "float32", "--max-model-len", "1024", *(["--enforce-eager"] if args.enforce_eager else [])]
+    flags = ["--dtype", "float32", "--max-model-len", "512", *(["--enforce-eager"] if args.enforce_eager else [])]
     kinds = {"bare": [], "pedro": ["--enable-pedro", "--pedro-modules", *[f"{n}={p}" for n, p in zip(names, paths)]]}
     times = {k: [] for k in kinds}
     for r in range(args.runs):
