@@ -95,3 +95,43 @@ def test_cuda_graph_decode_smoke_and_gpu_check_script():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "all checks passed" in proc.stdout, proc.stdout + proc.stderr
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+
+
+def test_adapter_load_rate_smoke(tiny_llama_dir, tmp_path):
+    """benchmarks/adapter_load_rate.py on tiny adapters: every stage timed, the store's loader
+    threads read them all, none failed."""
+    from vllm_pedro.testing import build_random_adapters
+
+    adir = tmp_path / "adapters"
+    build_random_adapters(tiny_llama_dir, {i: str(adir / f"tenant-{i}") for i in range(8)}, r=4)
+    out = tmp_path / "rate.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adapter_load_rate.py"), "--adapter-dir",
+                           str(adir), "--model", tiny_llama_dir, "--count", "4", "--output-json", str(out)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert set(r["stage_ms_median"]) == {"read", "digest", "validate", "stack"}
+    assert all(v > 0 for v in r["stage_ms_median"].values())
+    assert r["failed"] == 0 and r["store_per_s"] > 0 and r["count"] == 4
+
+
+def test_multi_turn_smoke(tmp_path):
+    """benchmarks/multi_turn.py at tiny sizes: every method and turn reported; a turn's prompt
+    is the whole history (the same token counts for every method); PEDRO never reads the
+    prefix cache, the bare model does once the history fills a KV block."""
+    pytest.importorskip("vllm")
+    pytest.importorskip("peft")
+    out = tmp_path / "mt.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "multi_turn.py"), "--model", "", "--conversations", "2",
+           "--turns", "3", "--user-len", "120", "--answer-len", "8", "--passes", "1", "--enforce-eager",
+           "--kv-cache-space", "1", "--lora-rank", "8", "--pedro-rank", "4", "--output-json", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    per_turn = json.loads(out.read_text())["per_turn"]
+    assert set(per_turn) == {"bare", "lora", "pedro"}
+    for method, turns in per_turn.items():
+        assert [t["prompt_tokens"] for t in turns[:3]] == [2 * (t * (120 + 8) + 120) for t in range(3)]
+        assert turns[3]["turn"] == "all" and all(t["out_tok_s"] > 0 for t in turns)
+    assert all(t["cached_tokens"] == 0 for t in per_turn["pedro"][:3])
+    # KV blocks of 128 on the CPU: turn 1's sequence (127 tokens with KV) fills none, turn 2's does
+    assert per_turn["bare"][2]["cached_tokens"] > 0
