@@ -157,3 +157,30 @@ def test_parse_json_depth_scan_counts_only_brackets_outside_strings():
         if n >= 2:
             with pytest.raises(AdapterError, match="nests deeper than"):
                 parse_json(text, "x", max_depth=n - 1)
+
+
+def test_parse_json_hostile_strings_are_refused_in_linear_time():
+    """A header of escaped quotes with no closing quote (each quote a would-be string start)
+    made the depth scan quadratic: ~45 minutes holding the GIL at the 1 MiB header bound.
+    Now it is refused at once, and brackets inside an unterminated string end as a JSON
+    error, never a RecursionError."""
+    import threading
+
+    from vllm_pedro.adapter_io import MAX_HEADER_BYTES
+    from vllm_pedro.config import AdapterError, parse_json
+
+    hostile = [b'"' + b'\\"' * (MAX_HEADER_BYTES // 2 - 1) + b"\\", b'{"a": "' + b"[" * 100_000]
+    errors = []
+
+    def run():
+        for data in hostile:
+            try:
+                parse_json(data, "hostile.json")
+            except AdapterError as e:
+                errors.append(str(e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=60)  # linear: ~0.1 s; the quadratic scan took ~45 minutes here
+    assert not t.is_alive(), "the JSON depth scan did not finish on hostile input"
+    assert len(errors) == 2 and all("hostile.json" in e for e in errors), errors

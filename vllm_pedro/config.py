@@ -155,7 +155,10 @@ class PedroConfig:
         return cls.from_dict(d)
 
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A string, or an unterminated one up to the end of the text (json.loads refuses that before it
+# could recurse into the brackets in it): every match from a quote succeeds without
+# backtracking, so the scan stays linear on hostile input (a header of escaped quotes).
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.|\\\Z)*(?:"|\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 MAX_JSON_DEPTH = 32  # adapter_config.json nests 2 deep; a safetensors header 3
 
